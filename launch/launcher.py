@@ -1,0 +1,389 @@
+"""Start a run: in this process when it needs one process, else as an ``accelerate launch`` job.
+
+``dispatch(cfg)`` is what ``python -m launch <command>`` calls. A job of several processes
+(DDP, DataParallel over several GPUs, several machines, or ``--gpu-ids`` other than 0) is
+started as ``python -m accelerate.commands.launch --config_file X -m trainer <command> ...``
+with a generated (or the user's) Accelerate config. The workers report a failing rank by writing
+``rank<R>.txt`` into the folder named by env ``SLIMTUNE_FAILURE_DIR``: first line the one-line
+message, optionally a line ``exit_code=N``; the launcher prints those as its last lines.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from launch.accelerate_config import (
+    build_accelerate_config,
+    build_launch_argv,
+    dump_yaml,
+    launch_env,
+    parse_gpu_ids,
+    process_count,
+    worker_argv,
+    write_config,
+)
+from trainer.config import RunConfig
+from trainer.errors import ConfigError
+
+FAILURE_DIR_ENV = "SLIMTUNE_FAILURE_DIR"
+STOP_WAIT_S = 120.0  # how long to wait for workers to save and exit after a forwarded signal
+
+
+@dataclass
+class LaunchPlan:
+    """What dispatch does: run ``cfg`` in this process (``config`` None) or launch ``argv``."""
+
+    cfg: RunConfig
+    config: dict | None = None
+    config_path: Path | None = None
+    write: bool = False  # True when dispatch generates ``config_path``
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    note: str | None = None
+
+    @property
+    def in_process(self) -> bool:
+        return self.config is None
+
+
+def dispatch(cfg: RunConfig) -> int:
+    """Run ``cfg`` in this process or as an ``accelerate launch`` job; return the exit code."""
+    from trainer.runner import validate
+
+    validate(cfg)  # refuse bad settings before any process starts or file is written
+    plan = plan_launch(cfg)
+    if plan.note:
+        print(plan.note, file=sys.stderr)
+    if cfg.dry_run:
+        print(describe(plan))
+        return 0
+    if plan.in_process:
+        from trainer.runner import run_worker  # lazy: the launcher must start fast
+
+        return run_worker(plan.cfg)
+    if plan.write:
+        try:
+            write_config(plan.config, plan.config_path)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the Accelerate config {plan.config_path} "
+                              f"({exc.strerror or exc}); pick a writable --output/--workdir "
+                              "folder or pass --accelerate-config FILE") from None
+    return run_job(plan.argv, os.environ | plan.env)
+
+
+def plan_launch(cfg: RunConfig, visible_gpus: int | None = None,
+                environ: dict[str, str] | None = None) -> LaunchPlan:
+    """Decide how ``cfg`` runs; ``visible_gpus``/``environ`` default to this machine's."""
+    environ = os.environ if environ is None else environ
+    if cfg.debug:
+        return LaunchPlan(cfg)
+    if cfg.accelerate_config:
+        return _user_config_plan(cfg)
+    ids = parse_gpu_ids(cfg.gpu_ids)
+    gpus = cfg.gpus if cfg.gpus is not None else (len(ids) if ids else None)
+    visible = 0
+    if not cfg.cpu:
+        visible = _visible_gpus() if visible_gpus is None else visible_gpus
+        if gpus is None and visible == 0 and cfg.num_machines == 1:
+            return LaunchPlan(cfg.replace(cpu=True), note="note: no CUDA GPU is visible; running "
+                              "on the CPU in this process (add --cpu to silence this note)")
+        if gpus is None and visible == 0:
+            raise ConfigError("no CUDA GPU is visible on this machine; add --cpu to run on "
+                              "the CPU")
+        gpus = visible if gpus is None else gpus
+    config = build_accelerate_config(
+        gpus=gpus if gpus is not None else 1, mode=cfg.mode, gpu_ids=ids,
+        mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, num_machines=cfg.num_machines,
+        machine_rank=cfg.machine_rank, main_process_ip=cfg.main_process_ip,
+        main_process_port=cfg.main_process_port)
+    if not cfg.cpu:
+        _check_machine(gpus, ids, visible)
+    if process_count(config) == 1 and config.get("gpu_ids", "all") in ("all", "0"):
+        return LaunchPlan(cfg)
+    _check_batch(cfg.batch_size, config)
+    if "gpu_ids" in config and config["gpu_ids"] != "all":
+        config["gpu_ids"] = through_visible_devices(config["gpu_ids"],
+                                                    environ.get("CUDA_VISIBLE_DEVICES"))
+    return _subprocess_plan(cfg, config, default_config_path(cfg, config), write=True)
+
+
+def _user_config_plan(cfg: RunConfig) -> LaunchPlan:
+    if cfg.gpus is not None or cfg.gpu_ids is not None:
+        raise ConfigError("--accelerate-config already fixes the processes and GPUs; drop "
+                          "--gpus/--gpu-ids, or drop --accelerate-config to generate one")
+    path = Path(cfg.accelerate_config)
+    config = load_user_config(path)
+    _check_batch(cfg.batch_size, config)
+    return _subprocess_plan(cfg, config, path, write=False)
+
+
+def _subprocess_plan(cfg: RunConfig, config: dict, path: Path, write: bool) -> LaunchPlan:
+    _require_accelerate()
+    args = worker_argv(cfg, *_worker_interface(cfg.command))
+    return LaunchPlan(cfg, config=config, config_path=path, write=write,
+                      argv=build_launch_argv(path, args[0], args[1:]),
+                      env=launch_env(config, cfg.cpu))
+
+
+@functools.cache
+def _worker_interface(command: str) -> tuple[frozenset[str] | None, tuple[str, ...]]:
+    """(options, positional arguments) that ``python -m trainer <command>`` accepts.
+
+    Read from the worker's own click command, so the argv never carries an option the command
+    does not declare (e.g. ``--epochs`` for evaluate). Unknown command: every worker field.
+    """
+    import typer
+
+    from trainer.cli import build_app
+
+    group = typer.main.get_command(build_app(lambda _cfg: 0))
+    command_obj = getattr(group, "commands", {}).get(command)
+    if command_obj is None:
+        return None, ()
+    # param_type_name, not isinstance: typer >= 0.26 ships its own copy of click.
+    params = command_obj.params
+    options = frozenset(p.name for p in params if p.param_type_name == "option")
+    positional = tuple(p.name for p in params if p.param_type_name == "argument")
+    return options, positional
+
+
+def default_config_path(cfg: RunConfig, config: dict) -> Path:
+    """Where a generated config goes: next to the run's outputs.
+
+    Folder: that of ``--output``, or ``<workdir>/checkpoints`` for pipeline and runs without
+    ``--output``. Name: ``accelerate_<kind>_<N><unit>[_node<R>].yaml`` with kind ddp, cpu_ddp,
+    dp or single; N = processes (``proc``) or, for dp, GPUs (``gpu``); ``_node<R>`` on several
+    machines (their files may share a network folder).
+    """
+    if cfg.command == "pipeline" or not cfg.output:
+        folder = Path(cfg.workdir) / "checkpoints"
+    else:
+        folder = Path(cfg.output).parent
+    n = process_count(config)
+    if n > 1:
+        kind = "cpu_ddp" if config.get("use_cpu") else "ddp"
+        name = f"accelerate_{kind}_{n}proc"
+    elif "," in str(config.get("gpu_ids", "")):
+        name = f"accelerate_dp_{len(str(config['gpu_ids']).split(','))}gpu"
+    else:
+        name = "accelerate_single_1proc"
+    if int(config.get("num_machines", 1)) > 1:
+        name += f"_node{config.get('machine_rank', 0)}"
+    return folder / f"{name}.yaml"
+
+
+def load_user_config(path: Path) -> dict:
+    """Read a user's Accelerate config (YAML or JSON); ConfigError on anything unusable."""
+    fix = "fix it or write one with: python -m launch config --gpus N"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"cannot read --accelerate-config {path}: {reason}; {fix}") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"--accelerate-config {path} is not valid YAML{where}; {fix}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--accelerate-config {path} is not a mapping of settings; {fix}")
+    if "distributed_type" not in config:
+        raise ConfigError(f"--accelerate-config {path} has no distributed_type; {fix}")
+    try:
+        count = process_count(config)
+    except (TypeError, ValueError):
+        count = -1
+    if count < 1:
+        raise ConfigError(f"--accelerate-config {path} needs num_processes >= 1 for "
+                          f"distributed_type {config['distributed_type']}; {fix}")
+    return config
+
+
+def through_visible_devices(gpu_ids: str, visible_env: str | None) -> str:
+    """Map GPU numbers as this process sees them to CUDA_VISIBLE_DEVICES entries.
+
+    Accelerate overwrites CUDA_VISIBLE_DEVICES with ``gpu_ids``; when the user had already
+    narrowed it (e.g. ``CUDA_VISIBLE_DEVICES=2,3``), ``--gpu-ids 0`` must stay physical GPU 2.
+    """
+    if not visible_env or not visible_env.strip():
+        return gpu_ids
+    visible = [v.strip() for v in visible_env.split(",") if v.strip()]
+    ids = [int(i) for i in gpu_ids.split(",")]
+    if max(ids) >= len(visible):
+        return gpu_ids
+    return ",".join(visible[i] for i in ids)
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _check_machine(gpus: int, ids: list[int] | None, visible: int) -> None:
+    if visible == 0:
+        raise ConfigError(f"--gpus {gpus} but no CUDA GPU is visible on this machine; "
+                          "add --cpu to run on the CPU")
+    if ids and max(ids) >= visible:
+        raise ConfigError(f"--gpu-ids {','.join(map(str, ids))} but only {visible} GPUs are "
+                          f"visible (ids 0..{visible - 1}); pick ids below {visible}")
+    if gpus > visible:
+        raise ConfigError(f"--gpus {gpus} but only {visible} GPUs are visible; "
+                          f"use --gpus {visible} or fewer")
+
+
+def _check_batch(batch_size: int, config: dict) -> None:
+    """DDP splits the global batch evenly: each process gets batch_size / processes images."""
+    n = process_count(config)
+    if n > 1 and batch_size % n:
+        nearest = max(n, round(batch_size / n) * n)
+        raise ConfigError(f"--batch-size {batch_size} does not split evenly over {n} processes; "
+                          f"use a multiple of {n} (e.g. --batch-size {nearest})")
+
+
+def _require_accelerate() -> None:
+    try:
+        spec = importlib.util.find_spec("accelerate")
+    except (ImportError, ValueError):
+        spec = None
+    roots = spec.submodule_search_locations if spec is not None else None
+    if not roots or not any((Path(r) / "commands" / "launch.py").is_file() for r in roots):
+        raise ConfigError("accelerate is not installed in this environment; "
+                          "pip install accelerate")
+
+
+def describe(plan: LaunchPlan) -> str:
+    """The dry-run text: the exact command (and env), and the Accelerate config YAML."""
+    if plan.in_process:
+        argv = [sys.executable, "-m", "trainer",
+                *worker_argv(plan.cfg, *_worker_interface(plan.cfg.command))]
+        return f"# runs in this process (one process, no accelerate launch):\n{shlex.join(argv)}"
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(plan.env.items()))
+    command = f"{env} {shlex.join(plan.argv)}" if env else shlex.join(plan.argv)
+    state = "would be written to" if plan.write else "read from"
+    return (f"{command}\n# accelerate config ({state} {plan.config_path}):\n"
+            f"{dump_yaml(plan.config)}")
+
+
+def run_job(argv: list[str], env: dict[str, str]) -> int:
+    """Run the launch command (no shell); forward SIGINT/SIGTERM; report failed ranks."""
+    failure_dir = Path(tempfile.mkdtemp(prefix="slimtune-failures-"))
+    try:
+        code, signum = _run_forwarding_signals(argv, {**env, FAILURE_DIR_ENV: str(failure_dir)})
+        return _report(code, signum, failure_dir) if code != 0 else 0
+    finally:
+        shutil.rmtree(failure_dir, ignore_errors=True)
+
+
+def _run_forwarding_signals(argv: list[str], env: dict[str, str]) -> tuple[int, int | None]:
+    """Start ``argv`` in its own process group; pass SIGINT/SIGTERM on to that whole group.
+
+    Own group: a terminal Ctrl-C then reaches the job once (through us), not twice. Returns the
+    exit code (128 + signal for a signal death) and the last signal forwarded, if any.
+    """
+    state: dict = {"proc": None, "signum": None}
+
+    def forward(signum, _frame):
+        state["signum"] = signum
+        if state["proc"] is not None:
+            _killpg(state["proc"].pid, signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, forward) for s in sigs} if main else {}
+    try:
+        state["proc"] = proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        if state["signum"] is not None:  # arrived while starting
+            _killpg(proc.pid, state["signum"])
+        code = proc.wait()
+        if state["signum"] is not None:
+            _wait_group_gone(proc.pid)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return (128 - code if code < 0 else code), state["signum"]
+
+
+def _killpg(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_group_gone(pgid: int) -> None:
+    """After a forwarded signal: let workers left in the group finish saving (<= STOP_WAIT_S)."""
+    deadline = time.monotonic() + STOP_WAIT_S
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any live (non-zombie) process left in group ``pgid``? Uses /proc where there is one."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").is_file():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def read_failures(failure_dir: Path) -> list[tuple[int, str, int | None]]:
+    """``(rank, message, exit_code or None)`` from ``rank<R>.txt`` files, by rank."""
+    failures = []
+    for path in failure_dir.glob("rank*.txt"):
+        match = re.fullmatch(r"rank(\d+)\.txt", path.name)
+        if not match:
+            continue
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        message = next((ln.strip() for ln in lines if ln.strip()), "(no message)")
+        codes = [int(m.group(1)) for ln in lines if (m := re.fullmatch(r"exit_code=(\d+)", ln))]
+        failures.append((int(match.group(1)), message, codes[0] if codes else None))
+    return sorted(failures)
+
+
+def _report(code: int, signum: int | None, failure_dir: Path) -> int:
+    """Print a summary, then the failing ranks as the last lines; pick the exit code."""
+    failures = read_failures(failure_dir)
+    if signum is not None:
+        print(f"stopped by {signal.Signals(signum).name}; the job exited with code {code}",
+              file=sys.stderr)
+    elif not failures:
+        print(f"error: the launched job failed with exit code {code} and no rank reported "
+              "an error; see its output above", file=sys.stderr)
+    for rank, message, _ in failures:
+        print(f"error: rank {rank} failed: {message}", file=sys.stderr)
+    codes = [c for _, _, c in failures if c]
+    if codes:
+        return codes[0]
+    return 128 + signum if signum is not None else code

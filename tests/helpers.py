@@ -1,0 +1,51 @@
+"""Test helpers: tiny checkpoints and running the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoint import make_checkpoint, save_checkpoint
+from trainer.models import ResNet50, default_cfg, prunable_indices
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def small_cfg(width: int = 4) -> list[int]:
+    """A heavily pruned cfg: every bn1/bn2 at ``width`` channels (fast on CPU)."""
+    cfg = default_cfg()
+    for i in prunable_indices():
+        cfg[i] = width
+    return cfg
+
+
+def make_small_checkpoint(path: Path, width: int = 4, num_classes: int = 10, seed: int = 0,
+                          **extra) -> Path:
+    """Write a slimtune checkpoint of a pruned ResNet-50 with random (seeded) weights."""
+    torch.manual_seed(seed)
+    model = ResNet50(num_classes, small_cfg(width))
+    save_checkpoint(path, make_checkpoint(model, **extra))
+    return Path(path)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")  # 2-core machine: ranks must not oversubscribe
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, cwd: Path, module: str = "launch", timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m launch ARGS`` (or another module) in ``cwd``; captures text output."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd,
+                          env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+# Options for a fast fine-tune on the fake CIFAR-10 written by tests.fakedata.
+FAST = ["--cpu", "--num-workers", "0", "--batch-size", "20"]

@@ -1,0 +1,208 @@
+"""Self-describing, safely loaded, atomically written checkpoints.
+
+A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` accepts::
+
+    format_version, arch, num_classes, cfg (49 ints), state_dict (unwrapped),
+    and where they apply: history, best_acc, best_epoch, config, prune
+
+The lab's bare ``{cfg, state_dict}`` files (with or without ``module.`` prefixes) load too.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.errors import CheckpointError
+from trainer.models import ARCH, ResNet50, bn_names, effective_cfg, unwrap_model, validate_cfg
+
+FORMAT_VERSION = 1
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_THOP_SUFFIXES = ("total_ops", "total_params")
+HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
+
+
+def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes (``module.``, ``_orig_mod.``) and thop's counting buffers."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        if key.rsplit(".", 1)[-1] in _THOP_SUFFIXES:
+            continue
+        out[key] = value
+    return out
+
+
+def make_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
+    """A checkpoint dict for ``model`` (unwrapped, tensors moved to CPU) plus ``extra`` fields."""
+    bare = unwrap_model(model)
+    state = {k: v.detach().cpu().clone() for k, v in clean_state_dict(bare.state_dict()).items()}
+    ckpt = {
+        "format_version": FORMAT_VERSION,
+        "arch": ARCH,
+        "num_classes": int(bare.fc.out_features),
+        "cfg": list(bare.cfg),
+        "state_dict": state,
+    }
+    ckpt.update({k: v for k, v in extra.items() if v is not None})
+    return ckpt
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` to a temp file in the same folder, fsync, then ``os.replace``.
+
+    A crash leaves either the old file or the new one, never a truncated file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: Mapping[str, Any]) -> None:
+    """Atomically save a checkpoint dict (see :func:`make_checkpoint`)."""
+    atomic_torch_save(dict(ckpt), path)
+
+
+def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into a CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} does not exist; check the path")
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder; give the path of a .pth file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{what} {path} is not readable; check its permissions")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+            raise CheckpointError(
+                f"{what} {path} was refused: it holds objects other than tensors and plain "
+                "values, and loading it would run code (it was not run); re-save it as "
+                "{cfg, state_dict} from the environment that made it"
+            ) from None
+        raise CheckpointError(f"{what} {path} is not a valid torch file ({_first_line(exc)})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        msg = _first_line(exc)
+        hint = "truncated or corrupt" if _looks_truncated(msg) else "not a torch checkpoint"
+        raise CheckpointError(f"{what} {path} is {hint} ({msg}); re-create or re-download it") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _looks_truncated(msg: str) -> bool:
+    return any(s in msg for s in ("central directory", "EOF", "truncated", "unexpected end",
+                                  "failed finding"))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate a checkpoint (slimtune or lab format); tensors on CPU.
+
+    Returns a normalized dict with at least ``format_version``, ``arch``, ``num_classes``,
+    ``cfg`` and a clean ``state_dict`` whose shapes agree with ``cfg``.
+    """
+    raw = safe_torch_load(path)
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(
+            f"{path} holds a {type(raw).__name__}, not a checkpoint dict; expected at least "
+            "{cfg, state_dict}"
+        )
+    arch = raw.get("arch", ARCH)
+    if arch != ARCH:
+        raise CheckpointError(f"{path} is a {arch!r} checkpoint; slimtune works on {ARCH!r} only")
+    for key in ("cfg", "state_dict"):
+        if key not in raw:
+            raise CheckpointError(
+                f"{path} has no '{key}' (keys: {', '.join(map(str, raw)) or 'none'}); "
+                "expected a checkpoint with cfg and state_dict"
+            )
+    if not isinstance(raw["state_dict"], Mapping):
+        raise CheckpointError(f"{path}: 'state_dict' is a {type(raw['state_dict']).__name__}, not a dict")
+    state = clean_state_dict(raw["state_dict"])
+    try:
+        cfg = validate_cfg(raw["cfg"])
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    if "fc.weight" not in state:
+        raise CheckpointError(f"{path} has no fc.weight; it is not a {ARCH} state_dict")
+    num_classes = int(raw.get("num_classes", state["fc.weight"].shape[0]))
+    check_state_dict(state, cfg, num_classes, source=str(path))
+    ckpt = dict(raw)
+    ckpt.update(format_version=raw.get("format_version", 0), arch=ARCH,
+                num_classes=num_classes, cfg=cfg, state_dict=state)
+    return ckpt
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], cfg: list[int], num_classes: int,
+                     source: str = "checkpoint") -> None:
+    """Raise CheckpointError if ``state`` does not fit ``ResNet50(num_classes, cfg)``."""
+    with torch.device("meta"):
+        expected = ResNet50(num_classes, cfg).state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    for key, ref in expected.items():
+        if key in state and tuple(state[key].shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{source}: {key} has shape {tuple(state[key].shape)} but the cfg "
+                f"({_cfg_entry_for(key, cfg)}) expects {tuple(ref.shape)}; cfg and state_dict disagree"
+            )
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
+        raise CheckpointError(f"{source}: state_dict does not match {ARCH}: {'; '.join(parts)}")
+
+
+def _cfg_entry_for(key: str, cfg: list[int]) -> str:
+    names = bn_names()
+    eff = effective_cfg(cfg)
+    layer = key.rsplit(".", 1)[0]
+    for i, name in enumerate(names):
+        if layer == name or layer == name.replace("bn", "conv"):
+            return f"cfg[{i}]={eff[i]} for {name}"
+    return "cfg"
+
+
+def build_model(ckpt: Mapping[str, Any]) -> ResNet50:
+    """Rebuild the model a loaded checkpoint describes, with its weights."""
+    model = ResNet50(int(ckpt["num_classes"]), ckpt["cfg"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model
+
+
+def summarize_history(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """best_acc / best_epoch / epochs of a checkpoint's history (None when absent)."""
+    hist = ckpt.get("history") or {}
+    accs = list(hist.get("test_acc", []))
+    best = ckpt.get("best_acc", max(accs) if accs else None)
+    best_epoch = ckpt.get("best_epoch")
+    if best_epoch is None and accs:
+        best_epoch = hist.get("epoch", list(range(1, len(accs) + 1)))[accs.index(max(accs))]
+    return {"best_acc": best, "best_epoch": best_epoch, "epochs": len(accs)}

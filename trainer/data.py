@@ -1,0 +1,441 @@
+"""Datasets (CIFAR-10/100, an image folder, built-in synthetic shapes) and their loaders.
+
+Every dataset yields ``(normalised float CHW tensor, int label)``; the train split with the
+CIFAR augmentation (random crop with zero padding image_size // 8, horizontal flip). Datasets that
+fit in memory also expose their raw uint8 arrays for the device-resident ``gpu`` loader.
+
+Problems the user can fix (missing or corrupt files, empty folders) raise
+:class:`trainer.errors.DataError` with a one-line message naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms as T
+
+from trainer import synthetic
+from trainer.errors import DataError
+from trainer.gpu_loader import GPUTestLoader, GPUTrainLoader, derive_seed
+
+DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
+LOADER_KINDS = ("torch", "gpu")
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+# Image folders hold arbitrary photos: the ImageNet statistics are the usual default for them.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+DOWNLOAD_SOCKET_TIMEOUT = 20.0  # seconds one network read may stall before the download fails
+
+
+@dataclass
+class Datasets:
+    """The train and test splits of one dataset plus what the model and loaders need to know."""
+
+    name: str
+    train: Dataset  # (normalised float CHW tensor, int label), train augmentation
+    test: Dataset  # (normalised float CHW tensor, int label), test transform
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    # raw (uint8 (N, H, W, 3), int64 (N,)) for the gpu loader; None for imagefolder
+    train_arrays: tuple[torch.Tensor, torch.Tensor] | None
+    test_arrays: tuple[torch.Tensor, torch.Tensor] | None
+    classes: tuple[str, ...] = ()
+
+
+def train_transform(image_size: int, mean, std, resize: bool = False) -> T.Compose:
+    """PIL image -> augmented, normalised tensor (RandomCrop with padding + horizontal flip)."""
+    head = [T.Resize((image_size, image_size))] if resize else []
+    return T.Compose(head + [T.RandomCrop(image_size, padding=image_size // 8),
+                             T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def eval_transform(image_size: int, mean, std, resize: bool = False) -> T.Compose:
+    """PIL image -> normalised tensor, no augmentation."""
+    head = [T.Resize((image_size, image_size))] if resize else []
+    return T.Compose(head + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+class ArrayDataset(Dataset):
+    """uint8 (N, H, W, 3) images + labels, passed through the same PIL transforms as CIFAR."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None) -> None:
+        self.data, self.targets, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = Image.fromarray(self.data[index])
+        return (self.transform(img) if self.transform else img), int(self.targets[index])
+
+
+def build_datasets(name: str, data_dir: str, *, image_size: int = 32, download: bool = True,
+                   synthetic_train: int = 5000, synthetic_test: int = 1000,
+                   seed: int = 0) -> Datasets:
+    """Load dataset ``name`` (one of DATASETS) from ``data_dir``; raise DataError if unusable.
+
+    cifar10/cifar100 read torchvision's python folders (downloaded if absent and ``download``);
+    imagefolder reads ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (or ``test/``);
+    synthetic draws ``synthetic_train`` / ``synthetic_test`` images from ``seed`` (offline).
+    """
+    if name in ("cifar10", "cifar100"):
+        return _build_cifar(name, data_dir, image_size, download)
+    if name == "imagefolder":
+        return _build_imagefolder(data_dir, image_size)
+    if name == "synthetic":
+        return _build_synthetic(image_size, synthetic_train, synthetic_test, seed)
+    raise DataError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+
+_NUMPY_GLOBALS = {
+    (mod, name)
+    for core in ("numpy.core", "numpy._core")
+    for mod, name in ((f"{core}.multiarray", "_reconstruct"), (f"{core}.multiarray", "scalar"),
+                      (f"{core}.numeric", "_frombuffer"))
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that only builds numpy arrays and plain containers (no arbitrary code)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _NUMPY_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _safe_unpickle(path: Path) -> Any:
+    """Load a CIFAR pickle allowing numpy arrays only; DataError if it is corrupt or unsafe."""
+    try:
+        with open(path, "rb") as f:
+            return _ArrayUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, MemoryError) as e:
+        if "refusing" in str(e):
+            raise DataError(f"{path} holds objects other than arrays ({e}); it is not a CIFAR "
+                            "file: delete it and download the dataset again") from None
+        raise DataError(f"{path} is truncated or corrupt ({_one_line(e)}); delete it and "
+                        "download the dataset again") from None
+
+
+class _LocalFilesMixin:
+    """torchvision CIFAR that checks the files exist instead of matching their md5 sums.
+
+    torchvision refuses any file whose md5 differs from the official release, which rules out
+    the small fake CIFAR folders our tests write in the real on-disk format. Existence is enough
+    here because :func:`_check_cifar_files` already opened every file with a safe unpickler and
+    checked its arrays, which catches truncation and corruption with a clearer message.
+    """
+
+    def _check_integrity(self) -> bool:
+        folder = os.path.join(self.root, self.base_folder)
+        return all(os.path.isfile(os.path.join(folder, f)) for f, _ in
+                   self.train_list + self.test_list)
+
+
+class LocalCIFAR10(_LocalFilesMixin, torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR-10 without the md5 check (see _LocalFilesMixin)."""
+
+    meta: ClassVar[dict] = {**torchvision.datasets.CIFAR10.meta, "md5": None}  # exists = ok
+
+
+class LocalCIFAR100(_LocalFilesMixin, torchvision.datasets.CIFAR100):
+    """torchvision's CIFAR-100 without the md5 check (see _LocalFilesMixin)."""
+
+    meta: ClassVar[dict] = {**torchvision.datasets.CIFAR100.meta, "md5": None}
+
+
+_CIFAR = {  # name -> (class, title, label key, num_classes, mean, std)
+    "cifar10": (LocalCIFAR10, "CIFAR-10", "labels", 10, CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": (LocalCIFAR100, "CIFAR-100", "fine_labels", 100, CIFAR100_MEAN, CIFAR100_STD),
+}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]
+
+
+def _download_cifar(cls: type, title: str, data_dir: str) -> None:
+    """Fetch and unpack the official archive into data_dir; DataError on any failure."""
+    folder = cls.base_folder
+    old = socket.getdefaulttimeout()
+    # torchvision's urlopen has no timeout: a firewalled network would hang for minutes.
+    socket.setdefaulttimeout(DOWNLOAD_SOCKET_TIMEOUT)
+    try:
+        torchvision.datasets.utils.download_and_extract_archive(
+            cls.url, data_dir, filename=cls.filename, md5=cls.tgz_md5)
+    except Exception as e:  # noqa: BLE001 - any network/disk failure becomes one line
+        raise DataError(f"{title} not found in {data_dir} and could not be downloaded "
+                        f"({_one_line(e)}); put {folder}/ in {data_dir} or pass "
+                        "--data-dir") from None
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _check_cifar_files(cls: type, title: str, data_dir: str, label_key: str) -> None:
+    """Every file present, loadable with the safe unpickler and shaped like CIFAR."""
+    folder = Path(data_dir) / cls.base_folder
+    for fname, _ in cls.train_list + cls.test_list + [(cls.meta["filename"], None)]:
+        path = folder / fname
+        if not path.is_file():
+            raise DataError(f"{title} folder {folder} is incomplete (no {fname}); delete it "
+                            "and download the dataset again")
+        entry = _safe_unpickle(path)
+        key = "data" if fname != cls.meta["filename"] else cls.meta["key"]
+        if not isinstance(entry, dict) or key not in entry:
+            raise DataError(f"{path} is not a {title} file (no '{key}'); delete it and "
+                            "download the dataset again")
+        if key == "data":
+            _check_cifar_batch(path, entry, label_key, title)
+
+
+def _check_cifar_batch(path: Path, entry: dict, label_key: str, title: str) -> None:
+    data, labels = entry["data"], entry.get(label_key)
+    ok = (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+          and data.shape[1] == 3 * 32 * 32 and labels is not None and len(labels) == len(data))
+    if not ok:
+        raise DataError(f"{path} does not hold {title} images (uint8 rows of 3072 with one "
+                        f"'{label_key}' each); delete it and download the dataset again")
+
+
+def _build_cifar(name: str, data_dir: str, image_size: int, download: bool) -> Datasets:
+    cls, title, label_key, num_classes, mean, std = _CIFAR[name]
+    if image_size != 32:
+        raise DataError(f"{title} images are 32x32 but image size {image_size} was asked; "
+                        "pass --image-size 32")
+    if not (Path(data_dir) / cls.base_folder).is_dir():
+        if not download:
+            raise DataError(f"{title} not found in {data_dir} (download disabled); put "
+                            f"{cls.base_folder}/ in {data_dir} or pass --data-dir")
+        _download_cifar(cls, title, data_dir)
+    _check_cifar_files(cls, title, data_dir, label_key)
+    try:  # the files passed the safe unpickler above, so torchvision's pickle.load is safe
+        train = cls(data_dir, train=True, transform=train_transform(32, mean, std))
+        test = cls(data_dir, train=False, transform=eval_transform(32, mean, std))
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        raise DataError(f"{title} in {data_dir} could not be read ({_one_line(e)}); delete "
+                        f"{cls.base_folder}/ and download the dataset again") from None
+    for split in (train, test):  # one contiguous copy, shared with the gpu loader's arrays
+        split.data = np.ascontiguousarray(split.data)
+    return Datasets(name, train, test, num_classes, mean, std,
+                    _arrays(train.data, train.targets), _arrays(test.data, test.targets),
+                    tuple(train.classes))
+
+
+def _arrays(images: np.ndarray, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared-memory torch views of uint8 NHWC images and int64 labels."""
+    return (torch.from_numpy(np.ascontiguousarray(images)),
+            torch.as_tensor(np.asarray(labels), dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _build_synthetic(image_size: int, n_train: int, n_test: int, seed: int) -> Datasets:
+    if n_train < 1 or n_test < 1 or image_size < 8:
+        raise DataError(f"synthetic data needs train/test sizes >= 1 and image size >= 8 (got "
+                        f"{n_train}/{n_test}, {image_size}); pass positive --synthetic-train/"
+                        "--synthetic-test and --image-size >= 8")
+    xtr, ytr = synthetic.make_synthetic(n_train, seed, image_size)
+    xte, yte = synthetic.make_synthetic(n_test, seed + synthetic.TEST_SEED_OFFSET, image_size)
+    mean, std = synthetic.MEAN, synthetic.STD
+    return Datasets("synthetic",
+                    ArrayDataset(xtr, ytr, train_transform(image_size, mean, std)),
+                    ArrayDataset(xte, yte, eval_transform(image_size, mean, std)),
+                    synthetic.NUM_CLASSES, mean, std, _arrays(xtr, ytr), _arrays(xte, yte),
+                    synthetic.CLASSES)
+
+
+# --------------------------------------------------------------------------- image folder
+
+
+def _load_rgb(path: str) -> Image.Image:
+    """Open any image as RGB (grayscale, palette and RGBA images are converted)."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DataError(f"cannot read image {path} ({_one_line(e)}); replace or delete "
+                        "it") from None
+
+
+def _image_split(root: Path, size: int, train: bool) -> torchvision.datasets.DatasetFolder:
+    """Image folder dataset over root/<class>/*; DataError if root, classes or images lack."""
+    if not root.is_dir():
+        raise DataError(f"image folder {root} not found; create {root}/<class>/<images> or "
+                        "pass --data-dir")
+    tf = (train_transform if train else eval_transform)(size, IMAGENET_MEAN, IMAGENET_STD,
+                                                        resize=True)
+    try:
+        ds = torchvision.datasets.DatasetFolder(str(root), loader=_load_rgb,
+                                                extensions=IMAGE_EXTENSIONS, transform=tf)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"no usable images in {root} ({_one_line(e)}); put images in "
+                        f"{root}/<class>/ (extensions {', '.join(IMAGE_EXTENSIONS)})") from None
+    return ds
+
+
+def _build_imagefolder(data_dir: str, image_size: int) -> Datasets:
+    root = Path(data_dir)
+    test_name = "val" if (root / "val").is_dir() or not (root / "test").is_dir() else "test"
+    train = _image_split(root / "train", image_size, train=True)
+    test = _image_split(root / test_name, image_size, train=False)
+    if train.classes != test.classes:
+        only = sorted(set(train.classes) ^ set(test.classes)) or ["(order)"]
+        raise DataError(f"train/ and {test_name}/ in {root} have different class folders "
+                        f"(e.g. {only[0]}); give both the same class subfolders")
+    return Datasets("imagefolder", train, test, len(train.classes), IMAGENET_MEAN, IMAGENET_STD,
+                    None, None, tuple(train.classes))
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+class TrainLoader(Protocol):
+    """What the engine needs from a training loader (torch or gpu kind)."""
+
+    num_samples: int  # samples this rank sees per epoch (after limit_batches)
+
+    def set_epoch(self, epoch: int) -> None: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class TorchTrainLoader:
+    """DataLoader over a DistributedSampler whose epoch e on rank r depends only on (seed, e, r).
+
+    * Order: DistributedSampler(seed) + set_epoch -> same permutation on every rank, padded and
+      strided into disjoint, equal-length shards.
+    * Augmentation with workers: each epoch re-seeds the DataLoader's generator with
+      derive_seed(seed, e, r); the workers (restarted every epoch, persistent_workers=False)
+      seed torch from it, and batch i always goes to worker i % num_workers.
+    * Augmentation without workers: the transforms draw from the global torch RNG of this
+      process, so each epoch starts from a private RNG state seeded with derive_seed(seed, e, r)
+      that is swapped in around every batch fetch; the global RNG (model init, dropout) neither
+      affects the augmentation nor is changed by it.
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, num_workers: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, device: torch.device | str = "cpu",
+                 limit_batches: int | None = None, channels_last: bool = False) -> None:
+        self.device = torch.device(device)
+        self.seed, self.rank, self.epoch = seed, rank, 0
+        self.num_workers, self.channels_last = num_workers, channels_last
+        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                          shuffle=True, seed=seed, drop_last=False)
+        self.generator = torch.Generator()
+        self.pin = self.device.type == "cuda"
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
+                                 num_workers=num_workers, pin_memory=self.pin,
+                                 generator=self.generator, persistent_workers=False)
+        full = len(self.loader)
+        self._len = full if limit_batches is None else min(full, limit_batches)
+        self.num_samples = min(len(self.sampler), self._len * batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and augmentation the next iteration yields."""
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch_seed = derive_seed(self.seed, self.epoch, self.rank)
+        self.generator.manual_seed(epoch_seed)
+        batches = iter(self.loader)
+        aug_state = torch.Generator().manual_seed(epoch_seed).get_state()
+        for _ in range(self._len):
+            if self.num_workers == 0:
+                outer = torch.get_rng_state()
+                torch.set_rng_state(aug_state)
+                try:
+                    x, y = next(batches)
+                finally:
+                    aug_state = torch.get_rng_state()
+                    torch.set_rng_state(outer)
+            else:
+                x, y = _next_from_workers(batches)
+            yield self._to_device(x, y)
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=self.pin)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, torch.int64, non_blocking=self.pin)
+
+
+def _next_from_workers(batches: Iterator) -> Any:
+    """next() whose DataError from a worker process keeps its one-line message.
+
+    DataLoader re-raises a worker's exception with the worker traceback in the message; the
+    user only needs the last line (e.g. which image could not be read).
+    """
+    try:
+        return next(batches)
+    except DataError as e:
+        raise DataError(str(e).strip().rsplit("DataError: ", 1)[-1]) from None
+
+
+def _check_kind(ds: Datasets, kind: str) -> str:
+    """Validate ``kind``; image folders have no in-memory arrays, so gpu falls back to torch."""
+    if kind not in LOADER_KINDS:
+        raise ValueError(f"loader kind must be one of {LOADER_KINDS}, got {kind!r}")
+    if kind == "gpu" and ds.train_arrays is None:
+        return "torch"
+    return kind
+
+
+def make_train_loader(ds: Datasets, *, batch_size: int, num_workers: int, rank: int = 0,
+                      world_size: int = 1, seed: int = 0, kind: str = "torch",
+                      device: torch.device | str = "cpu", limit_batches: int | None = None,
+                      channels_last: bool = False) -> TrainLoader:
+    """Training batches ``(x, y)`` on ``device`` for this rank; ``batch_size`` is per process.
+
+    kind "torch": DataLoader + DistributedSampler (PIL transforms, ``num_workers`` workers);
+    kind "gpu": the whole uint8 set on ``device``, augmented there (imagefolder: torch instead).
+    Call ``set_epoch(e)`` before iterating epoch e; epoch e on rank r is a pure function of
+    (seed, e, r). ``len()`` is the batch count per epoch, equal on every rank.
+    """
+    common: dict[str, Any] = {"batch_size": batch_size, "rank": rank, "world_size": world_size,
+                              "seed": seed, "device": device, "limit_batches": limit_batches,
+                              "channels_last": channels_last}
+    if _check_kind(ds, kind) == "gpu":
+        return GPUTrainLoader(*ds.train_arrays, mean=ds.mean, std=ds.std, **common)
+    return TorchTrainLoader(ds.train, num_workers=num_workers, **common)
+
+
+def make_test_loader(ds: Datasets, *, batch_size: int, num_workers: int, kind: str = "torch",
+                     rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+                     channels_last: bool = False) -> Iterable:
+    """Test batches in order.
+
+    kind "torch": a plain DataLoader over the whole test set (CPU tensors; the engine shards it
+    with ``accelerator.prepare`` and de-duplicates with ``gather_for_metrics``).
+    kind "gpu": a GPUTestLoader giving rank r an exact, unpadded slice on ``device``
+    (``exact_shard = True``). imagefolder always uses the torch kind.
+    """
+    if _check_kind(ds, kind) == "gpu":
+        return GPUTestLoader(*ds.test_arrays, batch_size=batch_size, mean=ds.mean, std=ds.std,
+                             rank=rank, world_size=world_size, device=device,
+                             channels_last=channels_last)
+    pin = torch.device(device).type == "cuda"
+    return DataLoader(ds.test, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=pin)

@@ -1,0 +1,257 @@
+"""The loop: one training epoch, exact evaluation, and ``fit`` (best checkpoint, resume
+state, metrics CSV, curves). ``train_one_epoch`` and ``evaluate`` return metric dicts
+and do no I/O; ``fit`` does the I/O on the main process only.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer import dist
+from trainer.checkpoint import HISTORY_KEYS
+from trainer.config import RunConfig
+from trainer.errors import StopRequested, TrainingError
+from trainer.models import unwrap_model
+
+# ---------------------------------------------------------------- LR schedule
+
+
+def lr_milestones(epochs: int) -> list[int]:
+    """Epochs (0-based) at which the LR is divided by 10: 50% and 75% of the run."""
+    return [m for m in (int(epochs * 0.5), int(epochs * 0.75)) if m > 0]
+
+
+def lr_at(cfg: RunConfig, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+    """LR for (epoch, step): base LR, /10 at each milestone, times a linear warm-up.
+
+    A pure function of its arguments, so a resumed run follows the same schedule.
+    """
+    lr = cfg.lr * 0.1 ** sum(1 for m in lr_milestones(cfg.epochs) if epoch >= m)
+    if cfg.warmup_epochs > 0:
+        progress = (epoch + (step + 1) / max(steps_per_epoch, 1)) / cfg.warmup_epochs
+        lr *= min(1.0, progress)
+    return lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    params = unwrap_model(model).parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def add_sparsity_grad(model: nn.Module, lam: float) -> None:
+    """Network slimming: add the L1 sub-gradient lam * sign(gamma) to every BN weight grad.
+
+    Called after backward() (and the DDP all-reduce) and before optimizer.step(); every
+    rank adds the same term, so replicas stay identical.
+    """
+    if lam <= 0:
+        return
+    for m in unwrap_model(model).modules():
+        if isinstance(m, nn.BatchNorm2d) and m.weight.grad is not None:
+            m.weight.grad.add_(torch.sign(m.weight.detach()), alpha=lam)
+
+
+# ---------------------------------------------------------------- stop requests
+
+
+@dataclass
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it at step boundaries on every rank."""
+
+    signum: int | None = None
+    _previous: dict = field(default_factory=dict)
+
+    def install(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. tests): no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+STOP = StopFlag()
+
+
+# ---------------------------------------------------------------- epoch / eval
+
+
+def _forward(model: nn.Module, x: torch.Tensor, accelerator) -> torch.Tensor:
+    if accelerator.mixed_precision == "no":
+        # FP32 on purpose: half precision crashed in cublasLtMatmul on multi-GPU in the lab.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return model(x.float())
+    with accelerator.autocast():
+        return model(x)
+
+
+def _check(losses: list[torch.Tensor], epoch: int, first_step: int, device) -> None:
+    """Collective check (every rank calls it): non-finite loss anywhere, or a stop request."""
+    local_bad = -1
+    if losses:
+        finite = torch.isfinite(torch.stack(losses))
+        if not bool(finite.all()):
+            local_bad = first_step + int((~finite).nonzero()[0].item())
+    flags = torch.tensor([1.0 if local_bad >= 0 else 0.0, 1.0 if STOP.signum else 0.0],
+                         device=device)
+    dist.all_reduce_sum(flags)
+    if flags[0] > 0:
+        where = f"step {local_bad + 1}" if local_bad >= 0 else "a step on another rank"
+        raise TrainingError(
+            f"loss became non-finite at epoch {epoch + 1}, {where}; lower --lr or add "
+            "--warmup-epochs (the best checkpoint already written is intact)"
+        )
+    if flags[1] > 0:
+        signum = STOP.signum or signal.SIGTERM
+        raise StopRequested(signum, f"stopped by {signal.Signals(signum).name} in epoch {epoch + 1}")
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
+                    accelerator, cfg: RunConfig, epoch: int,
+                    on_step: Callable[[int, int, float], None] | None = None) -> dict[str, float]:
+    """One pass over ``loader``; returns loss/accuracy averaged over ALL ranks' samples."""
+    model.train()
+    device = accelerator.device
+    steps = len(loader)
+    check_every = 1 if device.type == "cpu" else 25  # a GPU sync every 25 steps is cheap
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    pending, pending_start = [], 0
+    for step, (x, y) in enumerate(loader):
+        set_lr(optimizer, lr_at(cfg, epoch, step, steps))
+        out = _forward(model, x, accelerator)
+        loss = F.cross_entropy(out.float(), y)
+        _test_hooks(loss, step)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        add_sparsity_grad(model, cfg.sparsity)
+        optimizer.step()
+        n = y.shape[0]
+        loss_sum += loss.detach().double() * n
+        correct += (out.detach().argmax(1) == y).sum()
+        count += n
+        pending.append(loss.detach())
+        if (step + 1) % check_every == 0 or step + 1 == steps:
+            _check(pending, epoch, pending_start, device)
+            pending, pending_start = [], step + 1
+        if on_step is not None:
+            on_step(step + 1, steps, n)
+    totals = dist.all_reduce_sum(torch.stack([loss_sum, correct, count]))
+    total = max(totals[2].item(), 1.0)
+    return {"train_loss": totals[0].item() / total, "train_acc": 100.0 * totals[1].item() / total,
+            "train_samples": int(totals[2].item())}
+
+
+def eval_view(model: nn.Module) -> nn.Module:
+    """The module to evaluate through: DataParallel stays (it splits the batch over GPUs);
+    DDP/compile wrappers are dropped so evaluation runs no collectives per batch."""
+    return model if isinstance(model, nn.DataParallel) else unwrap_model(model)
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's BN running stats (DDP leaves them rank-local), so the
+    evaluation matches the checkpoint rank 0 writes. A collective."""
+    if dist.world_size() > 1:
+        for buf in unwrap_model(model).buffers():
+            torch.distributed.broadcast(buf, src=0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, accelerator) -> dict[str, float]:
+    """Loss and accuracy over EXACTLY the test set, the same on every rank.
+
+    A loader prepared by Accelerate pads the last batches so each rank has as many;
+    ``gather_for_metrics`` drops the padding. A loader with ``exact_shard`` (the GPU
+    loader) gives each rank an unpadded slice, so per-rank sums are all-reduced.
+    """
+    model.eval()
+    device = accelerator.device
+    exact = getattr(loader, "exact_shard", False)
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, correct, count
+    for x, y in loader:
+        out = _forward(model, x.to(device, non_blocking=True), accelerator).float()
+        y = y.to(device, non_blocking=True)
+        losses = F.cross_entropy(out, y, reduction="none")
+        hits = (out.argmax(1) == y)
+        if not exact:
+            losses, hits = accelerator.gather_for_metrics((losses, hits))
+        sums += torch.stack([losses.double().sum(), hits.double().sum(),
+                             torch.tensor(float(hits.numel()), device=device, dtype=torch.float64)])
+    if exact:
+        dist.all_reduce_sum(sums)
+    total = int(sums[2].item())
+    return {"loss": sums[0].item() / max(total, 1), "accuracy": 100.0 * sums[1].item() / max(total, 1),
+            "correct": int(sums[1].item()), "total": total}
+
+
+def _test_hooks(loss: torch.Tensor, step: int) -> None:
+    """Fault injection for the test-suite (env vars; no effect unless set)."""
+    import os
+
+    fail_rank = os.environ.get("SLIMTUNE_TEST_FAIL_RANK")
+    if fail_rank is not None and int(fail_rank) == dist.rank():
+        raise RuntimeError(f"injected failure on rank {fail_rank} (SLIMTUNE_TEST_FAIL_RANK)")
+    nan_rank = os.environ.get("SLIMTUNE_TEST_NAN_RANK")
+    if nan_rank is not None and int(nan_rank) == dist.rank() and step >= 1:
+        loss.data.fill_(math.nan)
+    slow = os.environ.get("SLIMTUNE_TEST_STEP_SLEEP")
+    if slow:
+        time.sleep(float(slow))
+
+
+# ---------------------------------------------------------------- files beside the output
+
+
+def run_paths(output: Path) -> dict[str, Path]:
+    """Files a run writes next to its best checkpoint ``output``."""
+    return {"best": output, "last": output.with_name(output.stem + ".last.pth"),
+            "csv": output.with_name(output.stem + "_metrics.csv")}
+
+
+def write_csv(path: Path, history: dict[str, list], append_last: bool) -> None:
+    """Append the newest epoch (flushed, for ``tail -f``), or rewrite from ``history``."""
+    rows = zip(*(history[k] for k in HISTORY_KEYS))
+    if append_last and path.exists():
+        with path.open("a", newline="") as fh:
+            csv.writer(fh).writerow([history[k][-1] for k in HISTORY_KEYS])
+            fh.flush()
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(HISTORY_KEYS)
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def empty_history() -> dict[str, list]:
+    return {k: [] for k in HISTORY_KEYS}

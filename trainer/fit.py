@@ -1,0 +1,152 @@
+"""``fit``: epochs of train + evaluate with best checkpoint, resume state, metrics CSV,
+curves. All file writes happen on the main process; every rank runs every collective."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer import dist
+from trainer.checkpoint import atomic_torch_save, make_checkpoint, safe_torch_load, save_checkpoint
+from trainer.config import RESULT_FIELDS, RunConfig
+from trainer.engine import (
+    empty_history,
+    eval_view,
+    evaluate,
+    lr_at,
+    run_paths,
+    sync_buffers,
+    train_one_epoch,
+    write_csv,
+)
+from trainer.errors import ConfigError
+from trainer.models import unwrap_model
+from trainer.progress import EpochProgress, say
+
+# Settings that do not change a run's numbers; left out of the saved config so a resumed
+# run's checkpoint equals an uninterrupted run's.
+_VOLATILE = ("resume", "force_resume", "dry_run", "debug", "num_workers", "log_with", "json")
+
+
+def saved_config(cfg: RunConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.to_dict().items() if k not in _VOLATILE}
+
+
+@dataclass
+class FitState:
+    next_epoch: int = 0
+    best_acc: float = -math.inf
+    best_epoch: int | None = None
+    history: dict[str, list] = field(default_factory=empty_history)
+
+
+def resume_mismatch(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """Result-changing settings that differ between a resume state and this run."""
+    now = cfg.to_dict()
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in RESULT_FIELDS
+            if k in saved and saved.get(k) != now.get(k)]
+
+
+def load_resume(path: Path, cfg: RunConfig, model: nn.Module, optimizer) -> FitState:
+    """Restore model, optimizer, history and best-so-far from a ``.last.pth`` state."""
+    if not path.exists():
+        raise ConfigError(f"--resume: no resume state at {path}; run without --resume to start")
+    state = safe_torch_load(path, what="resume state")
+    diffs = resume_mismatch(state.get("config", {}), cfg)
+    if diffs and not cfg.force_resume:
+        raise ConfigError(f"--resume refused, settings differ from the interrupted run "
+                          f"({'; '.join(diffs)}); rerun with the same settings or --force-resume")
+    unwrap_model(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return FitState(next_epoch=int(state["epoch"]), best_acc=float(state["best_acc"]),
+                    best_epoch=state["best_epoch"], history=state["history"])
+
+
+def _clean_stale_temps(folder: Path) -> None:
+    """Temp files of a write that a SIGKILL interrupted (the real files are intact)."""
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def fit(model: nn.Module, optimizer, *, accelerator, cfg: RunConfig, train_loader, test_loader,
+        output: Path, plot: Path | None, extra: dict[str, Any], title: str) -> FitState:
+    """Train for ``cfg.epochs``; keep the best checkpoint (by test accuracy) at ``output``."""
+    paths = run_paths(output)
+    main = dist.is_main()
+    state = load_resume(paths["last"], cfg, model, optimizer) if cfg.resume else FitState()
+    if main:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale_temps(output.parent)
+        write_csv(paths["csv"], state.history, append_last=False)
+        if cfg.resume:
+            say(f"resuming {output.name} at epoch {state.next_epoch + 1}/{cfg.epochs}")
+    steps = len(train_loader)
+    bar = EpochProgress(title, cfg.epochs, steps, accelerator.num_processes, state.next_epoch)
+    try:
+        for epoch in range(state.next_epoch, cfg.epochs):
+            _run_epoch(model, optimizer, epoch, state, bar, accelerator=accelerator, cfg=cfg,
+                       train_loader=train_loader, test_loader=test_loader, paths=paths,
+                       extra=extra)
+    finally:
+        bar.close()
+    if main and plot is not None and state.history["epoch"]:
+        from trainer.plots import plot_curves
+
+        plot_curves(state.history, plot, title=title, best_epoch=state.best_epoch)
+    return state
+
+
+def _run_epoch(model, optimizer, epoch: int, state: FitState, bar: EpochProgress, *,
+               accelerator, cfg: RunConfig, train_loader, test_loader, paths, extra) -> None:
+    train_loader.set_epoch(epoch)
+    bar.start_epoch(epoch)
+    tm = train_one_epoch(model, train_loader, optimizer, accelerator=accelerator, cfg=cfg,
+                         epoch=epoch, on_step=bar.step)
+    rate = bar.images_per_s()
+    sync_buffers(model)
+    em = evaluate(eval_view(model), test_loader, accelerator)
+    steps = len(train_loader)
+    row = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch, steps - 1, steps),
+           "train_loss": tm["train_loss"], "train_acc": tm["train_acc"],
+           "test_loss": em["loss"], "test_acc": em["accuracy"]}
+    for key, value in row.items():
+        state.history[key].append(value)
+    improved = em["accuracy"] > state.best_acc
+    if improved:
+        state.best_acc, state.best_epoch = em["accuracy"], epoch + 1
+    state.next_epoch = epoch + 1
+    if dist.is_main():
+        config = saved_config(cfg)
+        if improved:
+            save_checkpoint(paths["best"], make_checkpoint(
+                model, history=_copy(state.history), best_acc=state.best_acc,
+                best_epoch=state.best_epoch, config=config, **extra))
+        atomic_torch_save({
+            "kind": "resume", "model": make_checkpoint(model)["state_dict"],
+            "optimizer": optimizer.state_dict(), "epoch": state.next_epoch,
+            "best_acc": state.best_acc, "best_epoch": state.best_epoch,
+            "history": _copy(state.history), "config": config,
+            "finished": state.next_epoch >= cfg.epochs}, paths["last"])
+        write_csv(paths["csv"], state.history, append_last=True)
+        mark = " *best*" if improved else ""
+        bar.end_epoch(
+            f"epoch {epoch + 1}/{cfg.epochs}  lr {row['lr']:.2e}  "
+            f"train loss {tm['train_loss']:.4f} acc {tm['train_acc']:.2f}%  "
+            f"test loss {em['loss']:.4f} acc {em['accuracy']:.2f}%  "
+            f"{rate:,.0f} img/s{mark}")
+    if cfg.log_with:
+        accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+
+
+def _copy(history: dict[str, list]) -> dict[str, list]:
+    return {k: list(v) for k, v in history.items()}
+
+
+def torch_state_equal(a: dict, b: dict) -> bool:
+    """True if two state_dicts hold the same keys and bit-identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,397 @@
+"""Worker side of every command: build the Accelerator, data and model, run, save.
+
+``run_worker(cfg)`` is what ``python -m trainer <command>`` (under accelerate launch or
+torchrun) and the CLI's in-process mode both call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer import dist
+from trainer.checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint
+from trainer.config import RunConfig
+from trainer.engine import STOP, evaluate, make_optimizer
+from trainer.errors import ConfigError, DataError, StopRequested
+from trainer.fit import fit, saved_config
+from trainer.models import ResNet50, count_params
+from trainer.progress import console, say
+
+COMMANDS = ("train", "prune", "finetune", "evaluate", "pipeline")
+DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
+
+
+# ---------------------------------------------------------------- validation (pure)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Refuse settings that cannot work, before anything starts or is written."""
+    checks = [
+        (cfg.command in COMMANDS, f"unknown command {cfg.command!r}"),
+        (cfg.dataset in DATASETS, (f"--dataset {cfg.dataset!r} is unknown; use one of "
+                                  f"{', '.join(DATASETS)}")),
+        (cfg.epochs >= 1, f"--epochs {cfg.epochs}: need at least 1 epoch"),
+        (cfg.lr > 0, f"--lr {cfg.lr}: the learning rate must be positive"),
+        (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: need at least 1"),
+        (cfg.optimizer in ("sgd", "adam"), f"--optimizer {cfg.optimizer!r}: use sgd or adam"),
+        (cfg.mode in ("ddp", "dp"), f"--mode {cfg.mode!r}: use ddp or dp"),
+        (cfg.mixed_precision in ("no", "bf16", "fp16"),
+         f"--mixed-precision {cfg.mixed_precision!r}: use no, bf16 or fp16"),
+        (cfg.loader in ("auto", "torch", "gpu"), f"--loader {cfg.loader!r}: use auto, torch or gpu"),
+        (cfg.sparsity >= 0, f"--sparsity {cfg.sparsity}: must be 0 or positive"),
+        (cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: must be 0 or positive"),
+        (cfg.warmup_epochs >= 0, f"--warmup-epochs {cfg.warmup_epochs}: must be 0 or positive"),
+        (cfg.min_channels >= 0, f"--min-channels {cfg.min_channels}: must be 0 or more"),
+        (cfg.num_workers >= 0, f"--num-workers {cfg.num_workers}: must be 0 or more"),
+        (cfg.limit_batches is None or cfg.limit_batches >= 1,
+         f"--limit-batches {cfg.limit_batches}: must be 1 or more"),
+        (cfg.image_size >= 8, f"--image-size {cfg.image_size}: must be 8 or more"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message + "; see --help")
+    ratios = list(cfg.ratios) if cfg.command == "pipeline" else []
+    if cfg.command == "prune":
+        ratios.append(cfg.ratio)
+    for r in ratios:
+        if r is None or not 0 < r < 1:
+            raise ConfigError(f"--ratio {r} is outside (0, 1); give the fraction of channels "
+                              "to prune, e.g. 0.5")
+    if cfg.command == "pipeline" and (cfg.train_epochs < 1 or cfg.finetune_epochs < 1):
+        raise ConfigError("--train-epochs and --finetune-epochs need at least 1 epoch")
+    out = output_path(cfg)
+    src = cfg.init if cfg.command == "train" else cfg.checkpoint
+    if out is not None and src and Path(out).resolve() == Path(src).resolve():
+        raise ConfigError(f"--output {out} is the input checkpoint; choose another path "
+                          "(slimtune never overwrites its source)")
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create ``folder`` and prove a file can be written there (root ignores mode bits)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {folder} ({exc.strerror or exc}); "
+                          "choose a writable --output / --workdir") from None
+
+
+# ---------------------------------------------------------------- output naming
+
+
+def output_path(cfg: RunConfig) -> Path | None:
+    """Where a command writes its main checkpoint (None for evaluate)."""
+    if cfg.output:
+        return Path(cfg.output)
+    if cfg.command == "train":
+        return Path("checkpoints") / ("model_sparse.pth" if cfg.sparsity > 0 else "model.pth")
+    if cfg.command == "prune":
+        return Path("checkpoints/model_prune.pth")
+    if cfg.command == "finetune":
+        src = Path(cfg.checkpoint or "checkpoints/model_prune.pth")
+        return src.with_name(src.stem + "_finetune.pth")
+    if cfg.command == "pipeline":
+        return Path(cfg.workdir) / "checkpoints" / "model_sparse.pth"
+    return None
+
+
+def plot_path(cfg: RunConfig, output: Path, plots_dir: Path = Path("plots")) -> Path:
+    """Curves figure: ``plots/finetuning_results.png`` for the lab's model_prune.pth."""
+    if cfg.plot:
+        return Path(cfg.plot)
+    if cfg.command == "finetune" and Path(cfg.checkpoint or "").name == "model_prune.pth":
+        return plots_dir / "finetuning_results.png"
+    return plots_dir / f"{output.stem}.png"
+
+
+# ---------------------------------------------------------------- runtime
+
+
+def make_accelerator(cfg: RunConfig):
+    """The Accelerator for this process; FP32 unless --mixed-precision says otherwise."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # Collectives fail after dist_timeout seconds instead of hanging forever.
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))]
+    kwargs = {}
+    if cfg.log_with:
+        kwargs = {"log_with": cfg.log_with, "project_dir": str(Path(cfg.workdir) / "runs")}
+    try:
+        acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
+                          kwargs_handlers=handlers, **kwargs)
+    except (ValueError, ImportError) as exc:
+        raise ConfigError(f"cannot start Accelerate ({str(exc).splitlines()[0]}); "
+                          "check --mixed-precision / --log-with / --cpu") from None
+    if acc.device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        if not cfg.tf32:  # strict IEEE FP32 for matmul and conv
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.backends.cuda.matmul.allow_tf32 = False
+                torch.backends.cudnn.allow_tf32 = False
+    if cfg.debug:
+        torch.autograd.set_detect_anomaly(True)
+    return acc
+
+
+def per_process_batch(cfg: RunConfig) -> int:
+    """--batch-size is the global batch; DDP splits it over processes, DP does not."""
+    n = cfg.num_processes
+    if cfg.mode == "ddp" and cfg.batch_size % n:
+        raise ConfigError(f"--batch-size {cfg.batch_size} does not divide over {n} processes; "
+                          f"use a multiple of {n}")
+    return cfg.batch_size // n if cfg.mode == "ddp" else cfg.batch_size
+
+
+def load_data(cfg: RunConfig):
+    from trainer.data import build_datasets
+
+    return build_datasets(cfg.dataset, cfg.data_dir, image_size=cfg.image_size,
+                          download=cfg.download, synthetic_train=cfg.synthetic_train,
+                          synthetic_test=cfg.synthetic_test, seed=cfg.seed)
+
+
+def loader_kind(cfg: RunConfig, device: torch.device) -> str:
+    if cfg.loader != "auto":
+        return cfg.loader
+    return "gpu" if device.type == "cuda" and cfg.dataset != "imagefolder" else "torch"
+
+
+def make_loaders(cfg: RunConfig, data, accelerator):
+    from trainer.data import make_test_loader, make_train_loader
+
+    batch = per_process_batch(cfg)
+    kind = loader_kind(cfg, accelerator.device)
+    workers = 0 if cfg.debug else cfg.num_workers
+    train = make_train_loader(data, batch_size=batch, num_workers=workers,
+                              rank=accelerator.process_index,
+                              world_size=accelerator.num_processes, seed=cfg.seed, kind=kind,
+                              device=accelerator.device, limit_batches=cfg.limit_batches,
+                              channels_last=_channels_last(cfg, accelerator))
+    test = make_test_loader(data, batch_size=batch, num_workers=workers, kind=kind,
+                            rank=accelerator.process_index,
+                            world_size=accelerator.num_processes, device=accelerator.device)
+    if not getattr(test, "exact_shard", False):
+        test = accelerator.prepare(test)  # shards + pads; evaluate() uses gather_for_metrics
+    return train, test
+
+
+def _channels_last(cfg: RunConfig, accelerator) -> bool:
+    return cfg.channels_last and accelerator.device.type == "cuda"
+
+
+def prepare_model(model: nn.Module, cfg: RunConfig, accelerator, optimizer=None):
+    """Device, memory format, compile, DDP (via Accelerate) and DP (after prepare)."""
+    model = model.to(accelerator.device)
+    if _channels_last(cfg, accelerator):
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model = torch.compile(model)
+    if optimizer is None:
+        model = accelerator.prepare(model)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.mode == "dp" and accelerator.device.type == "cuda" and torch.cuda.device_count() > 1:
+        model = nn.DataParallel(model)  # after prepare, so saved keys carry no prefix
+    return model, optimizer
+
+
+def check_classes(data, num_classes: int, what: str) -> None:
+    if data.num_classes != num_classes:
+        raise DataError(f"the {data.name} data has {data.num_classes} classes but {what} has "
+                        f"{num_classes}; use a matching --dataset/--data-dir or checkpoint")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def run_training(cfg: RunConfig, accelerator, model: nn.Module, data, *, output: Path,
+                 plot: Path, extra: dict, title: str):
+    """Optimizer + loaders + fit: the part train and finetune share."""
+    ensure_writable(output.parent)
+    ensure_writable(plot.parent)
+    train_loader, test_loader = make_loaders(cfg, data, accelerator)
+    model = model.to(accelerator.device)
+    optimizer = make_optimizer(model, cfg)
+    model, optimizer = prepare_model(model, cfg, accelerator, optimizer)
+    return fit(model, optimizer, accelerator=accelerator, cfg=cfg, train_loader=train_loader,
+               test_loader=test_loader, output=output, plot=plot, extra=extra, title=title)
+
+
+def zero_init_last_bn(model: ResNet50) -> ResNet50:
+    """Start every residual block as identity (bn3 gamma = 0; Goyal et al. 2017).
+
+    From PyTorch's default init this ResNet-50 diverges at lr 0.1 (gradient norm ~290 at
+    step 0); with each block's last BN at zero the norm is ~0.3 and training is stable.
+    """
+    for name, module in model.named_modules():
+        if name.endswith(".bn3"):
+            nn.init.zeros_(module.weight)
+    return model
+
+
+def cmd_train(cfg: RunConfig, accelerator, plots_dir: Path = Path("plots")):
+    data = load_data(cfg)
+    torch.manual_seed(cfg.seed)  # the same initial model on every rank
+    if cfg.init:
+        model = build_model(load_checkpoint(cfg.init))
+        check_classes(data, model.num_classes, f"--init {cfg.init}")
+    else:
+        model = zero_init_last_bn(ResNet50(data.num_classes))
+    output = output_path(cfg)
+    title = f"train {output.stem} (sparsity {cfg.sparsity:g})"
+    return run_training(cfg, accelerator, model, data, output=output,
+                        plot=plot_path(cfg, output, plots_dir), extra={}, title=title)
+
+
+def cmd_finetune(cfg: RunConfig, accelerator, plots_dir: Path = Path("plots")):
+    src = cfg.checkpoint or "checkpoints/model_prune.pth"
+    cfg = cfg.replace(checkpoint=src)
+    ckpt = load_checkpoint(src)
+    data = load_data(cfg)
+    check_classes(data, ckpt["num_classes"], f"checkpoint {src}")
+    model = build_model(ckpt)
+    output = output_path(cfg)
+    extra = {"prune": ckpt["prune"]} if "prune" in ckpt else {}
+    return run_training(cfg, accelerator, model, data, output=output,
+                        plot=plot_path(cfg, output, plots_dir), extra=extra,
+                        title=f"fine-tune {Path(src).name}")
+
+
+def evaluate_model(model: nn.Module, cfg: RunConfig, accelerator, data) -> dict:
+    from trainer.data import make_test_loader
+
+    kind = loader_kind(cfg, accelerator.device)
+    test = make_test_loader(data, batch_size=max(per_process_batch(cfg), 1),
+                            num_workers=0 if cfg.debug else cfg.num_workers, kind=kind,
+                            rank=accelerator.process_index,
+                            world_size=accelerator.num_processes, device=accelerator.device)
+    if not getattr(test, "exact_shard", False):
+        test = accelerator.prepare(test)
+    model = model.to(accelerator.device)
+    if _channels_last(cfg, accelerator):
+        model = model.to(memory_format=torch.channels_last)
+    return evaluate(model, test, accelerator)
+
+
+def cmd_evaluate(cfg: RunConfig, accelerator, as_json: bool = False) -> dict:
+    if not cfg.checkpoint:
+        raise ConfigError("evaluate needs a checkpoint: slimtune evaluate CKPT")
+    ckpt = load_checkpoint(cfg.checkpoint)
+    data = load_data(cfg)
+    check_classes(data, ckpt["num_classes"], f"checkpoint {cfg.checkpoint}")
+    metrics = evaluate_model(build_model(ckpt), cfg, accelerator, data)
+    if as_json:
+        if dist.is_main():
+            print(json.dumps(metrics))
+    else:
+        say(f"{Path(cfg.checkpoint).name}: test loss {metrics['loss']:.4f}, accuracy "
+            f"{metrics['accuracy']:.2f}% ({metrics['correct']}/{metrics['total']}) on {data.name}")
+    return metrics
+
+
+def cmd_prune(cfg: RunConfig, accelerator, plots_dir: Path = Path("plots")) -> dict:
+    from trainer.prune import all_gammas, prune
+
+    src = cfg.checkpoint or "checkpoints/model_sparse.pth"
+    ckpt = load_checkpoint(src)
+    model = build_model(ckpt)
+    output = output_path(cfg)
+    if output.resolve() == Path(src).resolve():
+        raise ConfigError(f"--output {output} is the input checkpoint; choose another path")
+    ensure_writable(output.parent)
+    result = prune(model, cfg.ratio, scope=cfg.scope, min_channels=cfg.min_channels)
+    acc_before = acc_after = None
+    if cfg.eval:
+        try:
+            data = load_data(cfg)
+            check_classes(data, ckpt["num_classes"], f"checkpoint {src}")
+            acc_before = evaluate_model(model, cfg, accelerator, data)["accuracy"]
+            acc_after = evaluate_model(result.model, cfg, accelerator, data)["accuracy"]
+        except DataError as exc:
+            say(f"[yellow]note:[/] accuracy not measured ({exc})")
+    meta = {"ratio": cfg.ratio, "threshold": result.threshold, "scope": cfg.scope,
+            "min_channels": cfg.min_channels, "source": str(src),
+            "params_before": result.params_before, "params_after": result.params_after,
+            "acc_before": acc_before, "acc_after": acc_after, "min_channels_kept": result.kept_min}
+    if dist.is_main():
+        save_checkpoint(output, make_checkpoint(result.model, prune=meta, config=saved_config(cfg)))
+        from trainer.plots import plot_gamma_hist
+
+        gamma_png = plot_gamma_hist(all_gammas(model, cfg.scope), plots_dir / f"{output.stem}_gamma.png",
+                                    threshold=result.threshold,
+                                    title=f"BatchNorm |γ| of {Path(src).name}",
+                                    label=f"threshold {result.threshold:.4g} (ratio {cfg.ratio:g})")
+        _print_prune_summary(result, meta, output, gamma_png)
+    dist.barrier()  # the pruned file exists before any rank reads it
+    return {**meta, "output": str(output)}
+
+
+def _print_prune_summary(result, meta: dict, output: Path, gamma_png: Path) -> None:
+    from rich.table import Table
+
+    from trainer.prune import stage_summary
+
+    table = Table(title=f"pruned {Path(meta['source']).name} at ratio {meta['ratio']:g}")
+    for col in ("stage", "kept / total (bn1+bn2)", "kept %"):
+        table.add_column(col, justify="right")
+    for stage, kept, total in stage_summary(result.masks):
+        table.add_row(stage, f"{kept} / {total}", f"{100 * kept / total:.1f}%")
+    console.print(table)
+    before, after = meta["params_before"], meta["params_after"]
+    say(f"threshold |γ| = {meta['threshold']:.6g}; params {before:,} -> {after:,} "
+        f"({100 * (1 - after / before):.1f}% fewer)")
+    if meta["acc_before"] is not None:
+        say(f"test accuracy {meta['acc_before']:.2f}% before, {meta['acc_after']:.2f}% right "
+            "after pruning")
+    if result.kept_min:
+        say(f"[yellow]note:[/] the threshold would have emptied {len(result.kept_min)} layer(s); "
+            f"kept their {meta['min_channels']} largest-|γ| channel(s): {', '.join(result.kept_min)}")
+    say(f"wrote {output} and {gamma_png}")
+
+
+def run_worker(cfg: RunConfig) -> int:
+    """Run ``cfg.command`` in this process (one rank of a job, or the whole job)."""
+    validate(cfg)
+    accelerator = make_accelerator(cfg)
+    cfg = cfg.replace(num_processes=accelerator.num_processes)
+    if cfg.debug:
+        say("resolved settings:", cfg.to_dict())
+    STOP.install()
+    try:
+        if cfg.command == "evaluate":
+            cmd_evaluate(cfg, accelerator, as_json=cfg.json)
+        elif cfg.command == "prune":
+            cmd_prune(cfg, accelerator)
+        elif cfg.command == "pipeline":
+            from trainer.pipeline import run_pipeline
+
+            run_pipeline(cfg, accelerator)
+        else:
+            {"train": cmd_train, "finetune": cmd_finetune}[cfg.command](cfg, accelerator)
+    except StopRequested as stop:
+        if dist.is_main():
+            console.print(f"{stop}; the last finished epoch is saved. Resume with the same "
+                          "command plus --resume", style="yellow")
+        return stop.exit_code
+    finally:
+        STOP.restore()
+        # Ends trackers and destroys the process group: gloo ranks that exit with the
+        # group alive sometimes abort (SIGABRT) after finishing their work.
+        accelerator.end_training()
+    return 0
+
+
+def params_of(ckpt: dict) -> int:
+    return count_params(build_model(ckpt))
