@@ -83,7 +83,7 @@ def dispatch(cfg: RunConfig) -> int:
             raise ConfigError(f"cannot write the Accelerate config {plan.config_path} "
                               f"({exc.strerror or exc}); pick a writable --output/--workdir "
                               "folder or pass --accelerate-config FILE") from None
-    return run_job(plan.argv, os.environ | plan.env)
+    return run_job(plan.argv, os.environ | plan.env, ranks=local_ranks(plan.config))
 
 
 def plan_launch(cfg: RunConfig, visible_gpus: int | None = None,
@@ -281,12 +281,24 @@ def describe(plan: LaunchPlan) -> str:
             f"{dump_yaml(plan.config)}")
 
 
-def run_job(argv: list[str], env: dict[str, str]) -> int:
-    """Run the launch command (no shell); forward SIGINT/SIGTERM; report failed ranks."""
+def local_ranks(config: dict) -> range:
+    """Global ranks of the processes this machine starts for ``config``."""
+    total, machines = process_count(config), max(int(config.get("num_machines", 1)), 1)
+    per = max(total // machines, 1)
+    first = int(config.get("machine_rank", 0)) * per
+    return range(first, first + per)
+
+
+def run_job(argv: list[str], env: dict[str, str], ranks: range | None = None) -> int:
+    """Run the launch command (no shell); forward SIGINT/SIGTERM; report failed ranks.
+
+    ``ranks``: the global ranks started here; one that fails without writing a report (killed
+    by SIGKILL or the out-of-memory killer) is then named instead of a peer that lost it.
+    """
     failure_dir = Path(tempfile.mkdtemp(prefix="slimtune-failures-"))
     try:
         code, signum = _run_forwarding_signals(argv, {**env, FAILURE_DIR_ENV: str(failure_dir)})
-        return _report(code, signum, failure_dir) if code != 0 else 0
+        return _report(code, signum, failure_dir, ranks) if code != 0 else 0
     finally:
         shutil.rmtree(failure_dir, ignore_errors=True)
 
@@ -372,18 +384,48 @@ def read_failures(failure_dir: Path) -> list[tuple[int, str, int | None]]:
     return sorted(failures)
 
 
-def _report(code: int, signum: int | None, failure_dir: Path) -> int:
+def _report(code: int, signum: int | None, failure_dir: Path, ranks: range | None = None) -> int:
     """Print a summary, then the failing ranks as the last lines; pick the exit code."""
     failures = read_failures(failure_dir)
+    silent = _silent_ranks(failures, ranks) if signum is None else []
     if signum is not None:
         print(f"stopped by {signal.Signals(signum).name}; the job exited with code {code}",
               file=sys.stderr)
     elif not failures:
         print(f"error: the launched job failed with exit code {code} and no rank reported "
               "an error; see its output above", file=sys.stderr)
+    # A rank that only lost its peer fails too; print those first so that the root cause
+    # is the last line, and take the exit code from the root cause.
+    failures.sort(key=lambda f: not is_peer_loss(f[1]))  # stable: by rank within each group
     for rank, message, _ in failures:
         print(f"error: rank {rank} failed: {message}", file=sys.stderr)
-    codes = [c for _, _, c in failures if c]
+    if silent:
+        print(f"error: rank {', '.join(map(str, silent))} died without reporting an error "
+              "(killed by a signal such as SIGKILL, or by the out-of-memory killer); the "
+              "other ranks stopped because they lost it", file=sys.stderr)
+        return code
+    roots = [f for f in failures if not is_peer_loss(f[1])] or failures
+    codes = [c for _, _, c in roots if c]
     if codes:
         return codes[0]
     return 128 + signum if signum is not None else code
+
+
+def _silent_ranks(failures: list[tuple[int, str, int | None]], ranks: range | None) -> list[int]:
+    """Ranks started here that wrote no report while every report is a lost peer: those died
+    without a word (SIGKILL, out of memory) and are the root cause."""
+    if not ranks or not failures or not all(is_peer_loss(m) for _, m, _ in failures):
+        return []
+    reported = {rank for rank, _, _ in failures}
+    return [r for r in ranks if r not in reported]
+
+
+# Messages of a rank whose collective failed because ANOTHER rank died (gloo / NCCL).
+_PEER_LOSS = ("connection closed by peer", "connection reset by peer", "remote worker crash",
+              "communicator was aborted", "broken pipe")
+
+
+def is_peer_loss(message: str) -> bool:
+    """True if ``message`` is a consequence of another rank's failure, not a cause."""
+    lowered = message.lower()
+    return any(p in lowered for p in _PEER_LOSS)

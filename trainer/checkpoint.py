@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import tempfile
+import time
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,11 +75,32 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
+            _test_kill_in_save(path, fh)
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_SAVES: dict[str, int] = {}
+
+
+def _test_kill_in_save(path: Path, fh) -> None:
+    """Fault injection for the test-suite (env vars; no effect unless set), between writing
+    the temp file and renaming it: ``SLIMTUNE_TEST_KILL_IN_SAVE=<file name>:<n>`` SIGKILLs
+    this process during its n-th write of that file, with half the bytes written;
+    ``SLIMTUNE_TEST_SAVE_SLEEP=<seconds>`` sleeps there (a signal can arrive mid-write)."""
+    spec = os.environ.get("SLIMTUNE_TEST_KILL_IN_SAVE")
+    if spec:
+        name, _, nth = spec.rpartition(":")
+        _SAVES[path.name] = _SAVES.get(path.name, 0) + 1
+        if name == path.name and _SAVES[path.name] == int(nth):
+            fh.truncate(fh.tell() // 2)
+            fh.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("SLIMTUNE_TEST_SAVE_SLEEP"):
+        time.sleep(float(os.environ["SLIMTUNE_TEST_SAVE_SLEEP"]))
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: Mapping[str, Any]) -> None:
@@ -97,17 +120,41 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+        text = str(exc)
+        if "GLOBAL" in text:  # torch 2.4+: "Unsupported global: GLOBAL mod.name ..."
             raise CheckpointError(
                 f"{what} {path} was refused: it holds objects other than tensors and plain "
                 "values, and loading it would run code (it was not run); re-save it as "
                 "{cfg, state_dict} from the environment that made it"
             ) from None
+        if "weights_only" in text or "Weights only load failed" in text:
+            # Not a torch file at all (text, image, random bytes) or a pickle using opcodes
+            # the safe loader refuses: either way nothing in it was executed.
+            raise CheckpointError(
+                f"{what} {path} is not a torch checkpoint the safe loader can read "
+                f"(weights_only=True refused it: {_weights_only_reason(text)}; nothing in it "
+                "was run); give a .pth file written by torch.save"
+            ) from None
         raise CheckpointError(f"{what} {path} is not a valid torch file ({_first_line(exc)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except OSError as exc:  # it exists, but reading fails (permissions, I/O error)
+        raise CheckpointError(f"{what} {path} cannot be read ({exc.strerror or _first_line(exc)}); "
+                              "check the file, its permissions and the disk") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         msg = _first_line(exc)
         hint = "truncated or corrupt" if _looks_truncated(msg) else "not a torch checkpoint"
         raise CheckpointError(f"{what} {path} is {hint} ({msg}); re-create or re-download it") from None
+    except Exception as exc:  # noqa: BLE001 -- the legacy loader fails on junk in many ways
+        # (a text file: KeyError from the magic-number lookup; struct.error; ...)
+        raise CheckpointError(f"{what} {path} is not a torch checkpoint ({type(exc).__name__}: "
+                              f"{_first_line(exc)}); give a .pth file written by torch.save") from None
+
+
+def _weights_only_reason(text: str) -> str:
+    """The informative line of torch's long weights_only error (e.g. 'Unsupported operand 123')."""
+    for line in text.splitlines():
+        if line.strip().startswith("Unsupported"):
+            return line.strip()[:120]
+    return "unsupported content"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -202,6 +202,8 @@ def build_app(dispatch: Dispatch | None = None, name: str = "slimtune") -> typer
     from trainer.report import register as register_report
 
     register_report(app)
+    from trainer.bench import register as register_bench
+    register_bench(app)
     return app
 
 

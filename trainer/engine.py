@@ -114,20 +114,29 @@ def _forward(model: nn.Module, x: torch.Tensor, accelerator) -> torch.Tensor:
 
 
 def _check(losses: list[torch.Tensor], epoch: int, first_step: int, device) -> None:
-    """Collective check (every rank calls it): non-finite loss anywhere, or a stop request."""
+    """Collective check (every rank calls it): non-finite loss anywhere, or a stop request.
+
+    One MAX all-reduce of [bad, stop, -first bad step, -rank] gives every rank the same
+    verdict and the same message (earliest bad step, lowest rank reporting it).
+    """
     local_bad = -1
     if losses:
         finite = torch.isfinite(torch.stack(losses))
         if not bool(finite.all()):
             local_bad = first_step + int((~finite).nonzero()[0].item())
-    flags = torch.tensor([1.0 if local_bad >= 0 else 0.0, 1.0 if STOP.signum else 0.0],
-                         device=device)
-    dist.all_reduce_sum(flags)
+    never = -float(2 ** 40)
+    flags = torch.tensor([1.0 if local_bad >= 0 else 0.0, 1.0 if STOP.signum else 0.0,
+                          -float(local_bad) if local_bad >= 0 else never,
+                          -float(dist.rank()) if local_bad >= 0 else never],
+                         device=device, dtype=torch.float64)
+    if torch.distributed.is_initialized() and dist.world_size() > 1:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     if flags[0] > 0:
-        where = f"step {local_bad + 1}" if local_bad >= 0 else "a step on another rank"
+        step, rank = int(-flags[2].item()) + 1, int(-flags[3].item())
+        where = f" on rank {rank}" if dist.world_size() > 1 else ""
         raise TrainingError(
-            f"loss became non-finite at epoch {epoch + 1}, {where}; lower --lr or add "
-            "--warmup-epochs (the best checkpoint already written is intact)"
+            f"loss became non-finite at epoch {epoch + 1}, step {step}{where}; lower --lr or "
+            "add --warmup-epochs (the best checkpoint already written is intact)"
         )
     if flags[1] > 0:
         signum = STOP.signum or signal.SIGTERM
@@ -150,7 +159,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         set_lr(optimizer, lr_at(cfg, epoch, step, steps))
         out = _forward(model, x, accelerator)
         loss = F.cross_entropy(out.float(), y)
-        _test_hooks(loss, step)
+        _test_hooks(loss, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         add_sparsity_grad(model, cfg.sparsity)
@@ -213,16 +222,29 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator) -> dict[str, float
             "correct": int(sums[1].item()), "total": total}
 
 
-def _test_hooks(loss: torch.Tensor, step: int) -> None:
-    """Fault injection for the test-suite (env vars; no effect unless set)."""
+def _test_hooks(loss: torch.Tensor, epoch: int, step: int) -> None:
+    """Fault injection for the test-suite (env vars; no effect unless set).
+
+    SLIMTUNE_TEST_FAIL_RANK=R: raise on rank R. SLIMTUNE_TEST_NAN_RANK=R[:E:S]: rank R's loss
+    is NaN from step S (default 2) of epoch E (default 1) on. SLIMTUNE_TEST_STEP_SLEEP=T: sleep
+    T seconds per step.
+    SLIMTUNE_TEST_KILL_AT=E:S[:R]: SIGKILL rank R (default 0) at step S of epoch E (1-based).
+    """
     import os
 
     fail_rank = os.environ.get("SLIMTUNE_TEST_FAIL_RANK")
     if fail_rank is not None and int(fail_rank) == dist.rank():
         raise RuntimeError(f"injected failure on rank {fail_rank} (SLIMTUNE_TEST_FAIL_RANK)")
-    nan_rank = os.environ.get("SLIMTUNE_TEST_NAN_RANK")
-    if nan_rank is not None and int(nan_rank) == dist.rank() and step >= 1:
-        loss.data.fill_(math.nan)
+    nan_at = os.environ.get("SLIMTUNE_TEST_NAN_RANK")
+    if nan_at:
+        r, e, s = (list(map(int, nan_at.split(":"))) + [1, 2])[:3]
+        if r == dist.rank() and (epoch + 1, step + 1) >= (e, s):
+            loss.data.fill_(math.nan)
+    kill_at = os.environ.get("SLIMTUNE_TEST_KILL_AT")
+    if kill_at:
+        e, s, r = (list(map(int, kill_at.split(":"))) + [0])[:3]
+        if (e, s, r) == (epoch + 1, step + 1, dist.rank()):
+            os.kill(os.getpid(), signal.SIGKILL)
     slow = os.environ.get("SLIMTUNE_TEST_STEP_SLEEP")
     if slow:
         time.sleep(float(slow))

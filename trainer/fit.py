@@ -25,6 +25,7 @@ from trainer.engine import (
     write_csv,
 )
 from trainer.errors import ConfigError
+from trainer.gpu_loader import derive_seed
 from trainer.models import unwrap_model
 from trainer.progress import EpochProgress, say
 
@@ -103,6 +104,11 @@ def fit(model: nn.Module, optimizer, *, accelerator, cfg: RunConfig, train_loade
 
 def _run_epoch(model, optimizer, epoch: int, state: FitState, bar: EpochProgress, *,
                accelerator, cfg: RunConfig, train_loader, test_loader, paths, extra) -> None:
+    # Data order and augmentation are pure functions of (seed, epoch, rank) (trainer.data);
+    # reseeding the global RNG per epoch makes anything else that draws from it (dropout, a
+    # random transform) one too. A run resumed at an epoch boundary therefore draws the same
+    # numbers as an uninterrupted one without saving any RNG state.
+    torch.manual_seed(derive_seed(cfg.seed, epoch, dist.rank(), 1))
     train_loader.set_epoch(epoch)
     bar.start_epoch(epoch)
     tm = train_one_epoch(model, train_loader, optimizer, accelerator=accelerator, cfg=cfg,

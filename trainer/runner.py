@@ -225,6 +225,9 @@ def run_training(cfg: RunConfig, accelerator, model: nn.Module, data, *, output:
     model = model.to(accelerator.device)
     optimizer = make_optimizer(model, cfg)
     model, optimizer = prepare_model(model, cfg, accelerator, optimizer)
+    if cfg.log_with:  # e.g. TensorBoard event files under <workdir>/runs/<output stem>
+        accelerator.init_trackers(output.stem, config={
+            k: v for k, v in saved_config(cfg).items() if isinstance(v, (int, float, str, bool))})
     return fit(model, optimizer, accelerator=accelerator, cfg=cfg, train_loader=train_loader,
                test_loader=test_loader, output=output, plot=plot, extra=extra, title=title)
 
@@ -241,14 +244,20 @@ def zero_init_last_bn(model: ResNet50) -> ResNet50:
     return model
 
 
+def fresh_model(num_classes: int) -> ResNet50:
+    """The model ``train`` starts from without --init (seed the RNG first)."""
+    return zero_init_last_bn(ResNet50(num_classes))
+
+
 def cmd_train(cfg: RunConfig, accelerator, plots_dir: Path = Path("plots")):
-    data = load_data(cfg)
+    with accelerator.main_process_first():  # one rank downloads, the others then read
+        data = load_data(cfg)
     torch.manual_seed(cfg.seed)  # the same initial model on every rank
     if cfg.init:
         model = build_model(load_checkpoint(cfg.init))
         check_classes(data, model.num_classes, f"--init {cfg.init}")
     else:
-        model = zero_init_last_bn(ResNet50(data.num_classes))
+        model = fresh_model(data.num_classes)
     output = output_path(cfg)
     title = f"train {output.stem} (sparsity {cfg.sparsity:g})"
     return run_training(cfg, accelerator, model, data, output=output,

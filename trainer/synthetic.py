@@ -6,9 +6,10 @@ random size, position, stripe period / phase and mild Gaussian noise. The class 
     0 disc, 1 square, 2 triangle, 3 cross, 4 ring,
     5 horizontal stripes, 6 vertical stripes, 7 diagonal stripes, 8 checkerboard, 9 dots
 
-Colours carry no class information (foreground and background are drawn independently of the
-label), so a model must learn shape and texture, as on CIFAR. Everything is vectorised numpy:
-the only Python loop is over the 10 classes.
+Each class also has its own foreground hue, jittered so neighbouring classes overlap: colour
+is a cue (as on CIFAR, where sky and grass are) that gets a model off the ground within an
+epoch, and shape and texture are needed for the rest. Everything is vectorised numpy: the only
+Python loop is over the 10 classes.
 """
 
 from __future__ import annotations
@@ -21,10 +22,20 @@ NUM_CLASSES = len(CLASSES)
 # Offset between the train and test seeds, so the two splits never share images.
 TEST_SEED_OFFSET = 1_000_003
 # Per-channel mean / std of the pixels in [0, 1], measured on make_synthetic(20000, 0):
-# background and foreground colours are roughly uniform, hence close to 0.5 / 0.29.
-MEAN = (0.4992, 0.4989, 0.5027)
-STD = (0.2915, 0.2916, 0.2911)
+# foreground and background colours spread over the whole range, hence close to 0.5 / 0.29.
+MEAN = (0.4919, 0.5241, 0.4835)
+STD = (0.2917, 0.2927, 0.2883)
 NOISE_STD = 0.05  # Gaussian pixel noise, in [0, 1] intensity units
+COLOUR_JITTER = 0.2  # per-channel jitter of the class hue, in [0, 1] intensity units
+
+
+def _palette() -> np.ndarray:
+    """(10, 3) foreground colours in [0, 1]: evenly spaced hues."""
+    hue = np.arange(NUM_CLASSES)[:, None] / NUM_CLASSES
+    return 0.5 + 0.35 * np.cos(2 * np.pi * (hue + np.array([0.0, 1 / 3, 2 / 3])))
+
+
+PALETTE = _palette()
 
 
 def _shape_masks(cls: int, dx: np.ndarray, dy: np.ndarray, r: np.ndarray,
@@ -109,10 +120,11 @@ def make_synthetic(n: int, seed: int, image_size: int = 32) -> tuple[np.ndarray,
     rng = np.random.default_rng(np.random.SeedSequence([seed, n, image_size]))
     labels = rng.permutation(np.arange(n) % NUM_CLASSES).astype(np.int64)
     masks = _masks(labels, image_size, rng)
-    bg = rng.uniform(0, 1, (n, 3)).astype(np.float32)
-    # Foreground shifted from the background by 0.3..0.7 in every channel (circularly), so the
-    # pattern always has contrast while the colour itself stays uninformative.
-    fg = np.mod(bg + rng.uniform(0.3, 0.7, (n, 3)), 1.0).astype(np.float32)
+    fg = np.clip(PALETTE[labels] + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, (n, 3)), 0, 1)
+    # Background shifted from the foreground by 0.3..0.7 in every channel (circularly), so the
+    # pattern always has contrast.
+    bg = np.mod(fg + rng.uniform(0.3, 0.7, (n, 3)), 1.0).astype(np.float32)
+    fg = fg.astype(np.float32)
     img = np.where(masks[..., None], fg[:, None, None, :], bg[:, None, None, :])
     img += NOISE_STD * rng.standard_normal(img.shape, dtype=np.float32)
     img *= 255

@@ -1,0 +1,281 @@
+"""The README's "What happens when…" table, row by row, through the real CLI.
+
+Every row runs ``python -m launch ...`` in a subprocess, in a folder of its own holding a small
+checkpoint (start.pth) and a fake CIFAR-10 (data/), and must end with exit code 2, exactly one
+non-empty stderr line ``error: ...`` naming the problem, no traceback, and every file in the
+folder as it was (same names, same bytes). The rows run a few at a time (module fixture);
+each row is still its own test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests._faults import env
+from tests.fakedata import truncate_file, write_fake_cifar10, write_imagefolder
+from tests.helpers import FAST, make_small_checkpoint, run_cli
+from trainer.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from trainer.models import default_cfg, prunable_indices
+
+DATA = ["--dataset", "cifar10", "--data-dir", "data", "--no-download"]
+FINETUNE = ["finetune", "--checkpoint", "start.pth", *DATA, "--epochs", "1",
+            "--output", "out/x.pth", "--plot", "out/x.png", *FAST]
+PRUNE = ["prune", "--checkpoint", "start.pth", "--ratio", "0.5", "--no-eval", "--cpu",
+         "--output", "out/p.pth"]
+
+
+def _set(args: list[str], option: str, value: str) -> list[str]:
+    """``args`` with ``option``'s value replaced (or the option appended)."""
+    args = list(args)
+    if option in args:
+        args[args.index(option) + 1] = value
+        return args
+    return [*args, option, value]
+
+
+class _OpenForWrite:
+    """Unpickling it would create a file (``open(target, "w")``)."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+# ------------------------------------------------------------------ row set-ups
+# Each gets the row's folder (start.pth, data/ already there) and may add files.
+
+
+def _random_bytes(d: Path) -> None:
+    (d / "bad.pth").write_bytes(os.urandom(4096))
+
+
+def _truncated(d: Path) -> None:
+    shutil.copy(d / "start.pth", d / "bad.pth")
+    truncate_file(d / "bad.pth", 0.5)
+
+
+def _malicious(d: Path) -> None:
+    torch.save({"cfg": default_cfg(), "state_dict": {}, "x": _OpenForWrite(d / "pwned")},
+               d / "bad.pth")
+
+
+def _tensor_file(d: Path) -> None:
+    torch.save(torch.zeros(3), d / "bad.pth")
+
+
+def _cfg_mismatch(d: Path) -> None:
+    ckpt = load_checkpoint(d / "start.pth")
+    ckpt["cfg"][prunable_indices()[0]] += 4  # the weights still have 4 channels
+    save_checkpoint(d / "bad.pth", ckpt)
+
+
+def _other_arch(d: Path) -> None:
+    save_checkpoint(d / "bad.pth", dict(load_checkpoint(d / "start.pth"), arch="vgg19"))
+
+
+def _other_network(d: Path) -> None:
+    import torchvision
+
+    torch.save({"cfg": default_cfg(), "state_dict": torchvision.models.resnet18().state_dict()},
+               d / "bad.pth")
+
+
+def _gammas_that_empty_a_layer(d: Path) -> None:
+    """All BN γ in [0.5, 1.5] except layer1.0.bn1 (1e-3): a small ratio's threshold empties it."""
+    from trainer.checkpoint import build_model
+
+    model = build_model(load_checkpoint(d / "start.pth"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
+        model.layer1[0].bn1.weight.fill_(1e-3)
+    save_checkpoint(d / "bad.pth", make_checkpoint(model))
+
+
+def _no_cifar(d: Path) -> None:
+    (d / "empty").mkdir()
+
+
+def _incomplete_cifar(d: Path) -> None:
+    (d / "data" / "cifar-10-batches-py" / "test_batch").unlink()
+
+
+def _truncated_cifar(d: Path) -> None:
+    truncate_file(d / "data" / "cifar-10-batches-py" / "data_batch_3", 0.5)
+
+
+def _malicious_cifar(d: Path) -> None:
+    with open(d / "data" / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+        pickle.dump({"data": _OpenForWrite(d / "pwned"), "labels": []}, f, protocol=2)
+
+
+def _empty_imagefolder(d: Path) -> None:
+    for split in ("train", "val"):
+        for k in range(3):
+            (d / "images" / split / f"class{k}").mkdir(parents=True)
+    (d / "images" / "train" / "class0" / "notes.txt").write_text("not an image")
+
+
+def _three_class_imagefolder(d: Path) -> None:
+    write_imagefolder(d / "images", classes=3, per_class=2)
+
+
+def _bad_yaml(d: Path) -> None:
+    (d / "bad.yaml").write_text("distributed_type: MULTI_GPU\nnum_processes: [2\n")
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    case: str  # the README row: "What happens when …"
+    args: list[str]
+    needle: str  # regex the error line must match (names the problem)
+    setup: Callable[[Path], None] | None = None
+    gpu_free: bool = False  # only meaningful on a machine without CUDA GPUs
+
+
+ROWS = [
+    Row("ckpt-missing", "the checkpoint does not exist",
+        _set(FINETUNE, "--checkpoint", "nope.pth"), r"nope\.pth does not exist"),
+    Row("ckpt-folder", "the checkpoint path is a folder",
+        _set(FINETUNE, "--checkpoint", "data"), r"data is a folder"),
+    Row("ckpt-unreadable", "the checkpoint cannot be read (I/O error; or no read permission)",
+        _set(FINETUNE, "--checkpoint", "/proc/self/mem"), r"mem cannot be read"),
+    Row("ckpt-truncated", "the checkpoint is truncated (partial copy or download)",
+        _set(FINETUNE, "--checkpoint", "bad.pth"), r"bad\.pth is truncated or corrupt",
+        _truncated),
+    Row("ckpt-random-bytes", "the checkpoint is not a torch file (random bytes)",
+        _set(FINETUNE, "--checkpoint", "bad.pth"), r"bad\.pth is not a (valid )?torch",
+        _random_bytes),
+    Row("ckpt-not-a-dict", "the checkpoint is a torch file but not a checkpoint (a tensor)",
+        _set(FINETUNE, "--checkpoint", "bad.pth"), r"holds a Tensor, not a checkpoint dict",
+        _tensor_file),
+    Row("ckpt-malicious", "unpickling the checkpoint would run code (create a file)",
+        _set(FINETUNE, "--checkpoint", "bad.pth"), r"bad\.pth was refused.*not run",
+        _malicious),
+    Row("ckpt-cfg-mismatch", "the checkpoint's cfg and state_dict disagree",
+        _set(FINETUNE, "--checkpoint", "bad.pth"), r"cfg and state_dict disagree",
+        _cfg_mismatch),
+    Row("ckpt-wrong-arch", "the checkpoint is of another architecture",
+        _set(FINETUNE, "--checkpoint", "bad.pth"), r"'vgg19' checkpoint.*'resnet50' only",
+        _other_arch),
+    Row("ckpt-other-network", "the state_dict is another network's (ResNet-18)",
+        _set(FINETUNE, "--checkpoint", "bad.pth"), r"state_dict does not match resnet50|"
+        r"cfg and state_dict disagree", _other_network),
+    Row("ratio-zero", "--ratio 0", _set(PRUNE, "--ratio", "0"), r"--ratio 0\.0 is outside \(0, 1\)"),
+    Row("ratio-one", "--ratio 1", _set(PRUNE, "--ratio", "1"), r"--ratio 1\.0 is outside \(0, 1\)"),
+    Row("ratio-empties-layer", "the ratio would remove every channel of a layer "
+        "(--min-channels 0)", [*_set(_set(PRUNE, "--checkpoint", "bad.pth"), "--ratio", "0.005"),
+                               "--min-channels", "0"],
+        r"removes every channel of layer1\.0\.bn1", _gammas_that_empty_a_layer),
+    Row("epochs-zero", "--epochs 0", _set(FINETUNE, "--epochs", "0"), r"--epochs 0: need at least 1"),
+    Row("lr-negative", "a negative learning rate", _set(FINETUNE, "--lr", "-0.1"),
+        r"--lr -0\.1: the learning rate must be positive"),
+    Row("batch-indivisible", "the batch does not split over the processes",
+        [*_set(FINETUNE, "--batch-size", "15"), "--gpus", "2"],
+        r"--batch-size 15 does not split evenly over 2 processes"),
+    Row("too-many-gpus", "more GPUs asked for than the machine has",
+        [*[a for a in FINETUNE if a != "--cpu"], "--gpus", "64"], r"--gpus 64 but"),
+    Row("gpus-on-cpu-machine", "GPUs asked for on a machine without one",
+        [*[a for a in FINETUNE if a != "--cpu"], "--gpus", "2"],
+        r"no CUDA GPU is visible.*--cpu", gpu_free=True),
+    Row("data-missing", "the dataset is not in --data-dir (download off)",
+        _set(FINETUNE, "--data-dir", "empty"), r"CIFAR-10 not found in empty", _no_cifar),
+    Row("data-incomplete", "a CIFAR file is missing", FINETUNE,
+        r"is incomplete \(no test_batch\)", _incomplete_cifar),
+    Row("data-truncated", "a CIFAR file is truncated", FINETUNE,
+        r"data_batch_3 is truncated or corrupt", _truncated_cifar),
+    Row("data-malicious", "a CIFAR file would run code when unpickled", FINETUNE,
+        r"data_batch_2 holds objects other than arrays", _malicious_cifar),
+    Row("imagefolder-empty", "an image folder with no images",
+        _set(_set(FINETUNE, "--dataset", "imagefolder"), "--data-dir", "images"),
+        r"no usable images in images/train", _empty_imagefolder),
+    Row("imagefolder-classes", "an image folder whose class count differs from the checkpoint",
+        _set(_set(FINETUNE, "--dataset", "imagefolder"), "--data-dir", "images"),
+        r"has 3 classes but checkpoint start\.pth has 10", _three_class_imagefolder),
+    Row("output-under-file", "the output folder cannot be created (a file is in the way)",
+        _set(FINETUNE, "--output", "start.pth/x.pth"), r"cannot write to start\.pth"),
+    Row("output-in-proc", "the output folder is not writable (/proc)",
+        _set(FINETUNE, "--output", "/proc/slimtune/x.pth"), r"cannot write to /proc/slimtune"),
+    Row("output-is-input", "the output path is the input checkpoint",
+        _set(FINETUNE, "--output", "start.pth"), r"--output start\.pth is the input checkpoint"),
+    Row("accelerate-yaml-malformed", "a malformed --accelerate-config YAML",
+        [*FINETUNE, "--accelerate-config", "bad.yaml"], r"bad\.yaml is not valid YAML",
+        _bad_yaml),
+]
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@dataclass
+class Outcome:
+    code: int
+    stdout: str
+    stderr: str
+    before: dict[str, str]
+    after: dict[str, str]
+    folder: Path
+
+
+def _run_row(row: Row, template: Path, root: Path) -> Outcome:
+    folder = root / row.id
+    shutil.copytree(template, folder)
+    if row.setup:
+        row.setup(folder)
+    before = _snapshot(folder)
+    result = run_cli(*row.args, cwd=folder, env=env(), timeout=180)
+    return Outcome(result.returncode, result.stdout, result.stderr, before, _snapshot(folder),
+                   folder)
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, tmp_path_factory) -> dict[str, Outcome]:
+    """Run the selected rows, three at a time (start-up dominates; it overlaps well)."""
+    wanted = {item.callspec.params["row"].id for item in request.session.items
+              if item.originalname == "test_bad_input_row" and hasattr(item, "callspec")}
+    root = tmp_path_factory.mktemp("bad_input")
+    template = root / "_template"
+    template.mkdir()
+    make_small_checkpoint(template / "start.pth")
+    write_fake_cifar10(template / "data")
+    rows = [r for r in ROWS if r.id in wanted]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        done = pool.map(lambda r: _run_row(r, template, root), rows)
+        return {row.id: outcome for row, outcome in zip(rows, done)}
+
+
+@pytest.mark.slow  # ~60-90 s for all rows together on a busy 2-core machine
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_bad_input_row(row: Row, outcomes: dict[str, Outcome]):
+    if row.gpu_free and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    out = outcomes[row.id]
+    assert out.code == 2, (out.code, out.stderr[-3000:])
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
+    assert re.search(row.needle, lines[0]), lines[0]
+    assert "Traceback" not in out.stdout + out.stderr
+    assert out.after == out.before, "files changed or appeared"
+    assert not (out.folder / "pwned").exists()
+
+
+def test_every_row_has_a_unique_id_and_case():
+    assert len({r.id for r in ROWS}) == len(ROWS) == len({r.case for r in ROWS})
