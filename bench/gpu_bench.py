@@ -12,11 +12,12 @@ convolutions, channels_last, cudnn.benchmark):
 1. ``training``: for each batch size, model limit (fwd+bwd+Adam on a device-resident batch),
    the real fine-tune loop with the torch and the gpu loader, for the pruned and the
    unpruned model, and eval-mode inference of both -- interleaved rounds, medians;
-2. ``epoch_50k``: wall time of one fine-tune epoch over 50,000 CIFAR-sized images (batch 100,
+2. ``strict_fp32`` (CUDA only): model limit and gpu-loader loop with TF32 off (``--no-tf32``);
+3. ``epoch_50k``: wall time of one fine-tune epoch over 50,000 CIFAR-sized images (batch 100,
    the recipe's) with the gpu loader, then with the torch loader, then with ``--compile``
    (first epoch, which holds the compile, reported separately), plus the evaluation over
    10,000 test images;
-3. ``multi_gpu`` (only with 2+ GPUs): the gpu-loader loop under DataParallel in this process
+4. ``multi_gpu`` (only with 2+ GPUs): the gpu-loader loop under DataParallel in this process
    and under DDP in a ``torchrun`` subprocess, same global batch.
 
 The JSON is rewritten after every section, so a run cut short still leaves its figures.
@@ -40,7 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch  # noqa: E402 -- after the sys.path line
 
 from trainer import bench  # noqa: E402
 
@@ -122,7 +123,7 @@ def epoch_figures(args, accelerator, model, kind: str, compile_: bool) -> dict[s
     """One epoch over EPOCH_IMAGES (first epoch apart), then the test-set evaluation."""
     from trainer.runner import evaluate_model
 
-    images, test = (64, 32) if args.quick else (EPOCH_IMAGES, TEST_IMAGES)
+    images, test = (16, 16) if args.quick else (EPOCH_IMAGES, TEST_IMAGES)
     batch = 8 if args.quick else RECIPE_BATCH
     cfg = bench.run_config(options(args, batch, compile=compile_),
                            num_processes=accelerator.num_processes, synthetic_train=images,
@@ -179,7 +180,8 @@ def run_ddp(args, n: int, batch: int, timeout: float) -> dict[str, Any]:
                "--repeats", str(args.repeats)]
         env = dict(os.environ, OMP_NUM_THREADS="4")
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                                  check=False)
         except subprocess.TimeoutExpired:
             return {"skipped": f"torchrun did not finish in {timeout:.0f} s"}
         if proc.returncode or not result.exists():
@@ -204,6 +206,49 @@ def ddp_worker(args) -> None:
         write_json(args.output, {"processes": accelerator.num_processes, "global_batch": batch,
                                  "img_s": res["img_s"], "runs_img_s": res["runs_img_s"]})
     accelerator.end_training()
+
+
+def strict_fp32_section(args, accelerator, pruned, clock) -> dict[str, Any]:
+    """--no-tf32 (strict IEEE FP32 matmul and conv): model limit and gpu-loader loop."""
+    if accelerator.device.type != "cuda":
+        return {"skipped": "TF32 exists on CUDA only"}
+    if clock.left() < 60:
+        return {"skipped": f"time budget ({clock.left():.0f} s left)"}
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        batch = args.batches[-1]
+        cfg = bench.run_config(options(args, batch, tf32=False),
+                               num_processes=accelerator.num_processes)
+        data = bench.synthetic_data(cfg)
+        cases = [bench.model_limit_case(pruned, cfg, accelerator.device, args.steps),
+                 bench.loop_case(pruned, cfg, accelerator, data, "gpu")]
+        res = bench.measure(cases, args.repeats, accelerator.device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    limit, loop = res["model_limit"]["img_s"], res["loop_gpu"]["img_s"]
+    return {"batch_size": batch, "model": "pruned_0.9", "model_limit_img_s": limit,
+            "loop_gpu_img_s": loop, "loop_over_model_limit": loop / limit,
+            "runs_img_s": {k: v["runs_img_s"] for k, v in res.items()}}
+
+
+def summary(out: dict[str, Any]) -> list[str]:
+    """The headline figures, one line each (also printed at the end of the run)."""
+    lines = []
+    for key, figs in out.get("training", {}).items():
+        for model, f in figs.items():
+            lines.append(f"{model} {key}: model limit {f['model_limit_img_s']:,.0f} img/s, "
+                         f"loop gpu {f['loop_img_s']['gpu']:,.0f} "
+                         f"({f['loop_over_model_limit']['gpu']:.3f}), loop torch "
+                         f"{f['loop_img_s']['torch']:,.0f} "
+                         f"({f['loop_over_model_limit']['torch']:.3f}), inference "
+                         f"{f['inference_img_s']:,.0f} img/s")
+    for key, e in out.get("epoch_50k", {}).items():
+        if "epoch_s" in e:
+            lines.append(f"epoch of {e['images']:,} images, {key}: {e['epoch_s']:.2f} s "
+                         f"({e['img_s']:,.0f} img/s), first epoch {e['first_epoch_s']:.1f} s, "
+                         f"eval of {e['eval_images']:,} {e['eval_s']:.2f} s")
+    return lines
 
 
 class Clock:
@@ -236,12 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         "script": "bench/gpu_bench.py", "argv": sys.argv[1:], "quick": args.quick,
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         **bench.device_info(accelerator.device), "precision": "fp32",
-        "settings": {"tf32": True, "channels_last": accelerator.device.type == "cuda",
+        "settings": {"tf32": "PyTorch default (TF32 convolutions)",
+                     "channels_last": accelerator.device.type == "cuda",
                      "cudnn_benchmark": accelerator.device.type == "cuda"},
         "steps": args.steps, "repeats": args.repeats, "num_workers": args.num_workers,
         "model": models}
     sections = (("training", lambda: training_section(
                     args, accelerator, {"pruned_0.9": pruned, "unpruned": unpruned})),
+                ("strict_fp32", lambda: strict_fp32_section(args, accelerator, pruned, clock)),
                 ("epoch_50k", lambda: epoch_section(args, accelerator, pruned, clock)),
                 ("multi_gpu", lambda: multi_gpu_section(args, accelerator, pruned, clock)))
     for name, run in sections:
@@ -249,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         out["wall_s"] = clock.elapsed()
         write_json(args.output, out)
         print(f"{name} done at {clock.elapsed():.0f} s -> {args.output}", flush=True)
+    out["summary"] = summary(out)
+    write_json(args.output, out)
+    print("\n".join(out["summary"]))
     return 0
 
 

@@ -43,17 +43,18 @@ def write_start_checkpoint(path: Path) -> Path:
     return path
 
 
-def finetune_args(*extra: str, epochs: int = 3, lr: str = "3e-3",
-                  batch_size: str = "20") -> list[str]:
+def finetune_args(*extra: str, epochs: int = 3, lr: str = "3e-3", batch_size: str = "20",
+                  shared: str = "../shared", out: str = "out") -> list[str]:
     """``finetune`` on the fake CIFAR-10 (5 steps of 20 images per epoch), run in a folder
-    beside ``shared/`` (start.pth + the data): relative paths, so two runs in two folders save
-    the same config and can be compared bit for bit. Outputs: out/x.pth, .last.pth, csv, png.
+    beside ``shared/`` (start.pth + the data). The default relative paths let two runs in two
+    folders save the same config, to be compared bit for bit. Outputs: <out>/x.pth,
+    x.last.pth, x_metrics.csv, x.png.
     """
     fast = list(FAST)
     fast[fast.index("--batch-size") + 1] = batch_size
-    return ["finetune", "--checkpoint", "../shared/start.pth", "--dataset", "cifar10",
-            "--data-dir", "../shared", "--epochs", str(epochs), "--lr", lr, "--seed", "1",
-            "--output", "out/x.pth", "--plot", "out/x.png", *fast, *extra]
+    return ["finetune", "--checkpoint", f"{shared}/start.pth", "--dataset", "cifar10",
+            "--data-dir", shared, "--epochs", str(epochs), "--lr", lr, "--seed", "1",
+            "--output", f"{out}/x.pth", "--plot", f"{out}/x.png", *fast, *extra]
 
 
 def make_shared(root: Path) -> Path:
@@ -78,10 +79,13 @@ def env(**faults: str) -> dict[str, str]:
 def start(args: list[str], cwd: Path, run_env: dict[str, str] | None = None,
           log: Path | None = None) -> subprocess.Popen:
     """``python -m launch ARGS`` in its own session; output (merged) to ``log`` or a pipe."""
-    out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115 -- closed by the caller
-    return subprocess.Popen([sys.executable, "-m", "launch", *map(str, args)], cwd=cwd,
-                            env=run_env or env(), stdout=out, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    argv = [sys.executable, "-m", "launch", *map(str, args)]
+    if log is None:
+        return subprocess.Popen(argv, cwd=cwd, env=run_env or env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(argv, cwd=cwd, env=run_env or env(), stdout=out,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def descendants(pid: int) -> list[int]:

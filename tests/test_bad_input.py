@@ -72,10 +72,6 @@ def _malicious(d: Path) -> None:
                d / "bad.pth")
 
 
-def _tensor_file(d: Path) -> None:
-    torch.save(torch.zeros(3), d / "bad.pth")
-
-
 def _cfg_mismatch(d: Path) -> None:
     ckpt = load_checkpoint(d / "start.pth")
     ckpt["cfg"][prunable_indices()[0]] += 4  # the weights still have 4 channels
@@ -84,13 +80,6 @@ def _cfg_mismatch(d: Path) -> None:
 
 def _other_arch(d: Path) -> None:
     save_checkpoint(d / "bad.pth", dict(load_checkpoint(d / "start.pth"), arch="vgg19"))
-
-
-def _other_network(d: Path) -> None:
-    import torchvision
-
-    torch.save({"cfg": default_cfg(), "state_dict": torchvision.models.resnet18().state_dict()},
-               d / "bad.pth")
 
 
 def _gammas_that_empty_a_layer(d: Path) -> None:
@@ -162,9 +151,6 @@ ROWS = [
     Row("ckpt-random-bytes", "the checkpoint is not a torch file (random bytes)",
         _set(FINETUNE, "--checkpoint", "bad.pth"), r"bad\.pth is not a (valid )?torch",
         _random_bytes),
-    Row("ckpt-not-a-dict", "the checkpoint is a torch file but not a checkpoint (a tensor)",
-        _set(FINETUNE, "--checkpoint", "bad.pth"), r"holds a Tensor, not a checkpoint dict",
-        _tensor_file),
     Row("ckpt-malicious", "unpickling the checkpoint would run code (create a file)",
         _set(FINETUNE, "--checkpoint", "bad.pth"), r"bad\.pth was refused.*not run",
         _malicious),
@@ -174,16 +160,15 @@ ROWS = [
     Row("ckpt-wrong-arch", "the checkpoint is of another architecture",
         _set(FINETUNE, "--checkpoint", "bad.pth"), r"'vgg19' checkpoint.*'resnet50' only",
         _other_arch),
-    Row("ckpt-other-network", "the state_dict is another network's (ResNet-18)",
-        _set(FINETUNE, "--checkpoint", "bad.pth"), r"state_dict does not match resnet50|"
-        r"cfg and state_dict disagree", _other_network),
-    Row("ratio-zero", "--ratio 0", _set(PRUNE, "--ratio", "0"), r"--ratio 0\.0 is outside \(0, 1\)"),
+    Row("ratio-zero", "--ratio 0", _set(PRUNE, "--ratio", "0"),
+        r"--ratio 0\.0 is outside \(0, 1\)"),
     Row("ratio-one", "--ratio 1", _set(PRUNE, "--ratio", "1"), r"--ratio 1\.0 is outside \(0, 1\)"),
     Row("ratio-empties-layer", "the ratio would remove every channel of a layer "
         "(--min-channels 0)", [*_set(_set(PRUNE, "--checkpoint", "bad.pth"), "--ratio", "0.005"),
                                "--min-channels", "0"],
         r"removes every channel of layer1\.0\.bn1", _gammas_that_empty_a_layer),
-    Row("epochs-zero", "--epochs 0", _set(FINETUNE, "--epochs", "0"), r"--epochs 0: need at least 1"),
+    Row("epochs-zero", "--epochs 0", _set(FINETUNE, "--epochs", "0"),
+        r"--epochs 0: need at least 1"),
     Row("lr-negative", "a negative learning rate", _set(FINETUNE, "--lr", "-0.1"),
         r"--lr -0\.1: the learning rate must be positive"),
     Row("batch-indivisible", "the batch does not split over the processes",
@@ -210,8 +195,6 @@ ROWS = [
         r"has 3 classes but checkpoint start\.pth has 10", _three_class_imagefolder),
     Row("output-under-file", "the output folder cannot be created (a file is in the way)",
         _set(FINETUNE, "--output", "start.pth/x.pth"), r"cannot write to start\.pth"),
-    Row("output-in-proc", "the output folder is not writable (/proc)",
-        _set(FINETUNE, "--output", "/proc/slimtune/x.pth"), r"cannot write to /proc/slimtune"),
     Row("output-is-input", "the output path is the input checkpoint",
         _set(FINETUNE, "--output", "start.pth"), r"--output start\.pth is the input checkpoint"),
     Row("accelerate-yaml-malformed", "a malformed --accelerate-config YAML",

@@ -169,7 +169,8 @@ def test_missing_keys_are_named(tmp_path):
     del state["layer3.2.bn2.running_var"]
     path = tmp_path / "x.pth"
     torch.save({"cfg": small_cfg(2), "state_dict": state}, path)
-    with pytest.raises(CheckpointError, match=r"missing 1 keys \(first: layer3\.2\.bn2\.running_var"):
+    with pytest.raises(CheckpointError,
+                       match=r"missing 1 keys \(first: layer3\.2\.bn2\.running_var"):
         load_checkpoint(path)
 
 
@@ -194,6 +195,7 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path, payload_cls, wri
     assert not target.exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 def test_other_pickle_protocols_are_refused_without_running(tmp_path):
     target = tmp_path / "pwned.txt"
     path = tmp_path / "evil.pth"
@@ -211,7 +213,8 @@ def test_truncated_checkpoint(tmp_path, fraction):
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("content", [b"hello world\n", b'{"cfg": []}', b"\x89PNG\r\n\x1a\n" + bytes(64),
+@pytest.mark.parametrize("content", [b"hello world\n", b'{"cfg": []}',
+                                     b"\x89PNG\r\n\x1a\n" + bytes(64),
                                      pickle.dumps(2**80, protocol=2) + b"junk"])
 def test_not_a_torch_file(tmp_path, content):
     path = tmp_path / "junk.pth"

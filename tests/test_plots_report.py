@@ -135,8 +135,10 @@ def test_compare_json_and_figure(ckpts, tmp_path):
     base, other = data["rows"]
     assert (base["label"], base["baseline"], other["label"], other["baseline"]) == \
         ("wide", True, "narrow", False)
-    assert base["params"] == count_params(big_model) and other["params"] == count_params(small_model)
-    assert other["macs"] == profile_model(small_model)["macs"] and other["flops"] == 2 * other["macs"]
+    assert base["params"] == count_params(big_model)
+    assert other["params"] == count_params(small_model)
+    assert other["macs"] == profile_model(small_model)["macs"]
+    assert other["flops"] == 2 * other["macs"]
     assert other["param_reduction_pct"] == pytest.approx(
         100 * (1 - other["params"] / base["params"]))
     assert other["mac_reduction_pct"] == pytest.approx(100 * (1 - other["macs"] / base["macs"]))

@@ -218,11 +218,10 @@ def test_weights_are_sliced_by_the_masks():
 
 
 def prune_cfg(tmp_path: Path, data_dir: Path, **over) -> RunConfig:
-    values = dict(command="prune", checkpoint=str(tmp_path / "model_sparse.pth"), ratio=0.5,
-                  dataset="cifar10", data_dir=str(data_dir), download=False, batch_size=100,
-                  cpu=True, num_workers=0)
-    values.update(over)
-    return RunConfig(**values)
+    values = {"command": "prune", "checkpoint": str(tmp_path / "model_sparse.pth"),
+              "ratio": 0.5, "dataset": "cifar10", "data_dir": str(data_dir), "download": False,
+              "batch_size": 100, "cpu": True, "num_workers": 0}
+    return RunConfig(**{**values, **over})
 
 
 def write_sparse(tmp_path: Path) -> Path:

@@ -26,11 +26,21 @@ DDP = ["--gpus", "2"]
 STOP_BOUND_S = 60  # from the signal / kill to the job's exit; a run step takes < 1 s here
 
 
+# Paths with spaces, quotes and a $: the launcher passes every value as its own argv item to
+# accelerate launch and the workers (no shell), so the DDP runs below prove they survive.
+ODD = "dir with space 'single' \"double\" $HOME"
+
+
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    make_shared(tmp_path)
-    (tmp_path / "run").mkdir()
-    return tmp_path / "run"
+    make_shared(tmp_path / ODD)
+    (tmp_path / ODD / "run").mkdir()
+    return tmp_path / ODD / "run"
+
+
+def _odd_args(folder: Path, *extra: str) -> list[str]:
+    """finetune_args with absolute odd paths for the inputs and outputs."""
+    return finetune_args(*extra, shared=str(folder.parent / "shared"), out=str(folder / "out"))
 
 
 def _writing(out: Path, name: str) -> bool:
@@ -86,7 +96,7 @@ def test_signal_mid_write_keeps_the_state_and_exits_128_plus_signal(folder, sig)
 
 @pytest.mark.slow  # ~25 s
 def test_sigterm_to_the_launcher_stops_every_rank_cleanly(folder):
-    proc = start(finetune_args(*DDP), folder, env(SLIMTUNE_TEST_SAVE_SLEEP="1.5"))
+    proc = start(_odd_args(folder, *DDP), folder, env(SLIMTUNE_TEST_SAVE_SLEEP="1.5"))
     out = folder / "out"
     try:
         wait_for(lambda: _writing(out, "x.last.pth"), 180, "the first resume-state write")
@@ -124,7 +134,7 @@ def test_a_sigkilled_rank_ends_the_job_quickly_and_is_named_last(folder):
 
 @pytest.mark.slow  # ~20 s
 def test_nan_on_one_rank_stops_every_rank_at_the_same_step(folder):
-    result = run_cli(*finetune_args(*DDP), cwd=folder, env=env(SLIMTUNE_TEST_NAN_RANK="1:2:3"),
+    result = run_cli(*_odd_args(folder, *DDP), cwd=folder, env=env(SLIMTUNE_TEST_NAN_RANK="1:2:3"),
                      timeout=240)
     assert result.returncode == 1, result.stderr[-3000:]
     message = ("loss became non-finite at epoch 2, step 3 on rank 1; lower --lr or add "

@@ -106,7 +106,7 @@ class Timer:
         self.cuda = device.type == "cuda"
         self.seconds = 0.0
 
-    def __enter__(self) -> Timer:
+    def __enter__(self):  # -> Timer
         if self.cuda:
             torch.cuda.synchronize()
             self._start = torch.cuda.Event(enable_timing=True)
@@ -295,7 +295,10 @@ def device_info(device: torch.device) -> dict[str, Any]:
                             "python": platform.python_version()}
     if device.type == "cuda":
         info.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version(), gpus=torch.cuda.device_count())
+                    cudnn=torch.backends.cudnn.version(), gpus=torch.cuda.device_count(),
+                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                    cudnn_benchmark=torch.backends.cudnn.benchmark)
     else:
         info["device_name"] = info["cpu_model"]
     return info
@@ -348,6 +351,8 @@ def summarize(res: dict[str, dict[str, Any]], opts: BenchOptions, device: torch.
                      "cudnn_benchmark": device.type == "cuda"},
         "model_limit_img_s": limit, "loop_img_s": loops,
         "loop_over_model_limit_per_loader": {k: v / limit for k, v in loops.items()},
+        "loop_over_model_limit_paired": {k: paired_ratio(res[f"loop_{k}"], res["model_limit"])
+                                         for k in loops},
         "default_loader": default,
         "loop_over_model_limit": loops[default] / limit if default in loops else None,
         "runs_img_s": {k: v["runs_img_s"] for k, v in res.items()},
@@ -357,6 +362,11 @@ def summarize(res: dict[str, dict[str, Any]], opts: BenchOptions, device: torch.
         out["inference_img_s"] = inf
         out["inference_speedup"] = inf["pruned"] / inf["unpruned"]
     return out
+
+
+def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Median over rounds of a_r / b_r: round r of both ran back to back, under one load."""
+    return statistics.median(x / y for x, y in zip(a["runs_img_s"], b["runs_img_s"]))
 
 
 # ---------------------------------------------------------------- CLI
@@ -377,10 +387,12 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, float, list[float], float |
 
 def print_result(result: dict[str, Any]) -> None:
     """A table of medians (and the spread of the runs) plus the headline ratios."""
+    from rich.console import Console
     from rich.table import Table
 
-    from trainer.progress import console
-
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=120)  # logs: no wrapping at 80 columns
     m = result["model"]
     table = Table(title=f"bench on {result['device_name']} ({result['device']}), batch "
                         f"{result['batch_size']}, {result['steps']} steps x "
@@ -395,8 +407,11 @@ def print_result(result: dict[str, Any]) -> None:
                   f"MACs/image; unpruned {m['unpruned_params']:,} params, "
                   f"{m['unpruned_macs'] / 1e6:.1f}M MACs/image")
     if result["loop_over_model_limit"] is not None:
-        console.print(f"loop / model limit ({result['default_loader']} loader, the default "
-                      f"here): {result['loop_over_model_limit']:.3f}")
+        kind = result["default_loader"]
+        console.print(f"loop / model limit ({kind} loader, the default here): "
+                      f"{result['loop_over_model_limit']:.3f} (ratio of medians); "
+                      f"{result['loop_over_model_limit_paired'][kind]:.3f} (median of "
+                      "per-round ratios)")
     if "inference_speedup" in result:
         console.print(f"inference: pruned / unpruned = {result['inference_speedup']:.2f}x")
 
@@ -428,6 +443,8 @@ def bench_command(
         "--tf32/--no-tf32", help="TF32 convolutions on CUDA (PyTorch default).")] = True,
     channels_last: Annotated[bool, typer.Option(
         "--channels-last/--no-channels-last", help="channels_last on CUDA.")] = True,
+    inference: Annotated[bool, typer.Option(
+        "--inference/--no-inference", help="Also time pruned vs unpruned inference.")] = True,
 ) -> int:
     """Images/s of the model alone, of the real fine-tune loop per loader, and of inference.
 
@@ -439,7 +456,7 @@ def bench_command(
     opts = BenchOptions(checkpoint=checkpoint, ratio=ratio, batch_size=batch_size, steps=steps,
                         repeats=repeats, cpu=cpu, num_workers=num_workers,
                         loaders=parse_loaders(loaders), seed=seed, compile=compile_, tf32=tf32,
-                        channels_last=channels_last)
+                        channels_last=channels_last, inference=inference)
     result = run_bench(opts)
     if json_out:
         print(json.dumps(result))

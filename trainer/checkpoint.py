@@ -135,18 +135,21 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
                 f"(weights_only=True refused it: {_weights_only_reason(text)}; nothing in it "
                 "was run); give a .pth file written by torch.save"
             ) from None
-        raise CheckpointError(f"{what} {path} is not a valid torch file ({_first_line(exc)})") from None
+        raise CheckpointError(
+            f"{what} {path} is not a valid torch file ({_first_line(exc)})") from None
     except OSError as exc:  # it exists, but reading fails (permissions, I/O error)
         raise CheckpointError(f"{what} {path} cannot be read ({exc.strerror or _first_line(exc)}); "
                               "check the file, its permissions and the disk") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         msg = _first_line(exc)
         hint = "truncated or corrupt" if _looks_truncated(msg) else "not a torch checkpoint"
-        raise CheckpointError(f"{what} {path} is {hint} ({msg}); re-create or re-download it") from None
+        raise CheckpointError(
+            f"{what} {path} is {hint} ({msg}); re-create or re-download it") from None
     except Exception as exc:  # noqa: BLE001 -- the legacy loader fails on junk in many ways
         # (a text file: KeyError from the magic-number lookup; struct.error; ...)
-        raise CheckpointError(f"{what} {path} is not a torch checkpoint ({type(exc).__name__}: "
-                              f"{_first_line(exc)}); give a .pth file written by torch.save") from None
+        raise CheckpointError(
+            f"{what} {path} is not a torch checkpoint ({type(exc).__name__}: "
+            f"{_first_line(exc)}); give a .pth file written by torch.save") from None
 
 
 def _weights_only_reason(text: str) -> str:
@@ -189,7 +192,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 "expected a checkpoint with cfg and state_dict"
             )
     if not isinstance(raw["state_dict"], Mapping):
-        raise CheckpointError(f"{path}: 'state_dict' is a {type(raw['state_dict']).__name__}, not a dict")
+        kind = type(raw["state_dict"]).__name__
+        raise CheckpointError(f"{path}: 'state_dict' is a {kind}, not a dict")
     state = clean_state_dict(raw["state_dict"])
     try:
         cfg = validate_cfg(raw["cfg"])
@@ -216,7 +220,8 @@ def check_state_dict(state: Mapping[str, torch.Tensor], cfg: list[int], num_clas
         if key in state and tuple(state[key].shape) != tuple(ref.shape):
             raise CheckpointError(
                 f"{source}: {key} has shape {tuple(state[key].shape)} but the cfg "
-                f"({_cfg_entry_for(key, cfg)}) expects {tuple(ref.shape)}; cfg and state_dict disagree"
+                f"({_cfg_entry_for(key, cfg)}) expects {tuple(ref.shape)}; "
+                "cfg and state_dict disagree"
             )
     if missing or unexpected:
         parts = []

@@ -105,14 +105,16 @@ OPTIM = ["epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", 
 RUN = ["output", "plot", "log_with", "resume", "force_resume"]
 PRUNE = ["ratio", "scope", "min_channels", "eval"]
 
-TRAIN_DEFAULTS = {"epochs": 160, "batch_size": 64, "lr": 0.1, "optimizer": "sgd", "weight_decay": 1e-4,
-                      "warmup_epochs": 1.0, "sparsity": 0.0}
-FINETUNE_DEFAULTS = {"epochs": 20, "batch_size": 100, "lr": 1e-3, "optimizer": "adam", "weight_decay": 0.0}
+TRAIN_DEFAULTS = {"epochs": 160, "batch_size": 64, "lr": 0.1, "optimizer": "sgd",
+                  "weight_decay": 1e-4, "warmup_epochs": 1.0, "sparsity": 0.0}
+FINETUNE_DEFAULTS = {"epochs": 20, "batch_size": 100, "lr": 1e-3, "optimizer": "adam",
+                     "weight_decay": 0.0}
 
 COMMANDS: list[tuple[str, str, list[str], dict[str, Any]]] = [
     ("train", """Train a ResNet-50 from scratch or --init (with --sparsity: network slimming).
 
-    --sparsity λ adds the L1 penalty on BatchNorm γ (the paper uses 1e-4). Defaults follow the network-slimming CIFAR recipe (SGD momentum 0.9, wd 1e-4, lr 0.1,
+    --sparsity λ adds the L1 penalty on BatchNorm γ (the paper uses 1e-4). Defaults follow the
+    network-slimming CIFAR recipe (SGD momentum 0.9, wd 1e-4, lr 0.1,
     ÷10 at 50%/75%) plus a 1-epoch linear warm-up, without which this ResNet-50 diverges.
     Writes checkpoints/model_sparse.pth (λ > 0) or checkpoints/model.pth.""",
      ["init", *OPTIM, *RUN, *DATA, *DEVICE], TRAIN_DEFAULTS),
@@ -137,7 +139,10 @@ COMMANDS: list[tuple[str, str, list[str], dict[str, Any]]] = [
      ["train_epochs", "finetune_epochs", "sparsity", "ratios", "train_lr", "finetune_lr",
       "batch_size", "warmup_epochs", "workdir", "scope", "min_channels", "eval", "log_with",
       "resume", "force_resume"] + DATA + DEVICE,
-     {"sparsity": 1e-4, "batch_size": 64, "warmup_epochs": 1.0, "ratios": "0.5,0.9"}),
+     # scope prunable: a ratio is the fraction of bn1/bn2 channels removed, whatever the
+     # never-pruned bn3 γ look like (zero-initialised, they sit below everything early on).
+     {"sparsity": 1e-4, "batch_size": 64, "warmup_epochs": 1.0, "ratios": "0.5,0.9",
+      "scope": "prunable"}),
 ]
 
 

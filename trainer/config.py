@@ -16,8 +16,8 @@ LAUNCHER_FIELDS = frozenset({
 # different is refused (see trainer.resume).
 RESULT_FIELDS = ("command", "dataset", "data_dir", "image_size", "batch_size", "epochs", "lr",
                  "optimizer", "momentum", "weight_decay", "warmup_epochs", "sparsity", "ratio",
-                 "seed", "limit_batches", "checkpoint", "init", "mode", "num_processes", "mixed_precision",
-                 "synthetic_train", "synthetic_test")
+                 "seed", "limit_batches", "checkpoint", "init", "mode", "num_processes",
+                 "mixed_precision",                  "synthetic_train", "synthetic_test")
 
 
 @dataclass

@@ -140,7 +140,8 @@ def _check(losses: list[torch.Tensor], epoch: int, first_step: int, device) -> N
         )
     if flags[1] > 0:
         signum = STOP.signum or signal.SIGTERM
-        raise StopRequested(signum, f"stopped by {signal.Signals(signum).name} in epoch {epoch + 1}")
+        raise StopRequested(signum,
+                            f"stopped by {signal.Signals(signum).name} in epoch {epoch + 1}")
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
@@ -213,12 +214,15 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator) -> dict[str, float
         hits = (out.argmax(1) == y)
         if not exact:
             losses, hits = accelerator.gather_for_metrics((losses, hits))
-        sums += torch.stack([losses.double().sum(), hits.double().sum(),
-                             torch.tensor(float(hits.numel()), device=device, dtype=torch.float64)])
+        # torch.full is a fill kernel; torch.tensor(n, device=cuda) is a blocking host copy
+        # that would synchronise the stream on every batch.
+        count = torch.full((), float(hits.numel()), device=device, dtype=torch.float64)
+        sums += torch.stack([losses.double().sum(), hits.double().sum(), count])
     if exact:
         dist.all_reduce_sum(sums)
     total = int(sums[2].item())
-    return {"loss": sums[0].item() / max(total, 1), "accuracy": 100.0 * sums[1].item() / max(total, 1),
+    return {"loss": sums[0].item() / max(total, 1),
+            "accuracy": 100.0 * sums[1].item() / max(total, 1),
             "correct": int(sums[1].item()), "total": total}
 
 

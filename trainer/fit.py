@@ -68,10 +68,14 @@ def load_resume(path: Path, cfg: RunConfig, model: nn.Module, optimizer) -> FitS
                     best_epoch=state["best_epoch"], history=state["history"])
 
 
-def _clean_stale_temps(folder: Path) -> None:
-    """Temp files of a write that a SIGKILL interrupted (the real files are intact)."""
-    for tmp in folder.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+def _clean_stale_temps(paths: dict[str, Path]) -> None:
+    """Temp files of this run's writes that a SIGKILL interrupted (the real files are intact).
+
+    Only this run's own names: another job writing into the same folder keeps its temp files.
+    """
+    for key in ("best", "last"):
+        for tmp in paths[key].parent.glob(f".{paths[key].name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def fit(model: nn.Module, optimizer, *, accelerator, cfg: RunConfig, train_loader, test_loader,
@@ -82,7 +86,7 @@ def fit(model: nn.Module, optimizer, *, accelerator, cfg: RunConfig, train_loade
     state = load_resume(paths["last"], cfg, model, optimizer) if cfg.resume else FitState()
     if main:
         output.parent.mkdir(parents=True, exist_ok=True)
-        _clean_stale_temps(output.parent)
+        _clean_stale_temps(paths)
         write_csv(paths["csv"], state.history, append_last=False)
         if cfg.resume:
             say(f"resuming {output.name} at epoch {state.next_epoch + 1}/{cfg.epochs}")

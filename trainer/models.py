@@ -60,7 +60,8 @@ def validate_cfg(cfg: Sequence[int] | None) -> list[int]:
     cfg = list(cfg)
     if len(cfg) != NUM_BN:
         raise ValueError(
-            f"cfg has {len(cfg)} entries; expected {NUM_BN} (one per BatchNorm2d: stem + 3 x 16 blocks)"
+            f"cfg has {len(cfg)} entries; expected {NUM_BN} "
+            "(one per BatchNorm2d: stem + 3 x 16 blocks)"
         )
     names, full = bn_names(), default_cfg()
     prunable = set(prunable_indices())

@@ -77,7 +77,10 @@ def _print_rows(rows: list[dict]) -> None:
     table = Table(title="pipeline summary")
     for col in ("ratio", "params", "best test acc", "acc right after prune"):
         table.add_column(col, justify="right")
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}%"
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}%"
+
     for r in rows:
         table.add_row(f"{r['ratio']:g}", f"{r['params']:,}", fmt(r["best_acc"]),
                       fmt(r["acc_after_prune"]))
@@ -99,7 +102,8 @@ def finish_study(cfg: RunConfig, baseline: Path, rows: list[dict], plots: Path) 
     figures = [("comparison", figure)]
     for r in rows:
         tag = ratio_tag(r["ratio"])
-        figures.append((f"γ distribution, ratio {r['ratio']:g}", plots / f"model_prune_{tag}_gamma.png"))
+        figures.append((f"γ distribution, ratio {r['ratio']:g}",
+                        plots / f"model_prune_{tag}_gamma.png"))
         figures.append((f"fine-tuning, ratio {r['ratio']:g}",
                         plots / f"model_prune_{tag}_finetune.png"))
     report = write_report(Path(cfg.workdir), title="slimtune study", rows=table, figures=figures,

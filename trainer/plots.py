@@ -102,7 +102,8 @@ def plot_curves(history: Mapping[str, Any], path: str | os.PathLike, *, title: s
     epochs = _series(history, "epoch", n) or [float(i) for i in range(1, n + 1)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     marker = "o" if n <= 30 else None  # dots keep a 1-epoch run visible
-    for ax, kind, unit in ((axes[0], "acc", "accuracy (%)"), (axes[1], "loss", "loss (cross-entropy)")):
+    panels = ((axes[0], "acc", "accuracy (%)"), (axes[1], "loss", "loss (cross-entropy)"))
+    for ax, kind, unit in panels:
         for split, color in (("train", TRAIN_COLOR), ("test", TEST_COLOR)):
             ys = _series(history, f"{split}_{kind}", n)
             if ys is not None:

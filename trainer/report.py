@@ -227,18 +227,24 @@ def profile_command(
     checkpoints: Annotated[list[Path], typer.Argument(
         help="Checkpoint files (.pth) to measure.", show_default=False)],
     input_size: Annotated[int, typer.Option(
-        "--input-size", show_default=False, help="Input height/width in pixels (default 32, CIFAR).")] = 32,
+        "--input-size", show_default=False,
+        help="Input height/width in pixels (default 32, CIFAR).")] = 32,
     json_out: Annotated[bool, typer.Option(
-        "--json", show_default=False, help="Print one JSON object per checkpoint per line instead of a table "
-                       "(default off).")] = False,
+        "--json", show_default=False,
+        help="Print one JSON object per checkpoint per line instead of a table "
+             "(default off).")] = False,
     latency: Annotated[bool, typer.Option(
-        "--latency", show_default=False, help="Also time forward passes, median ms (default off).")] = False,
+        "--latency", show_default=False,
+        help="Also time forward passes, median ms (default off).")] = False,
     cpu: Annotated[bool, typer.Option(
-        "--cpu", show_default=False, help="Time on CPU even when CUDA is available (default off).")] = False,
+        "--cpu", show_default=False,
+        help="Time on CPU even when CUDA is available (default off).")] = False,
     batch_sizes: Annotated[str, typer.Option(
-        "--batch-sizes", show_default=False, help="Batch sizes timed by --latency (default 1,256).")] = "1,256",
+        "--batch-sizes", show_default=False,
+        help="Batch sizes timed by --latency (default 1,256).")] = "1,256",
     repeats: Annotated[int, typer.Option(
-        "--repeats", show_default=False, help="Timed runs per batch size for --latency (default 20).")] = 20,
+        "--repeats", show_default=False,
+        help="Timed runs per batch size for --latency (default 20).")] = 20,
 ) -> None:
     """Count params, MACs and FLOPs (= 2×MACs) of checkpoints; optionally time them."""
     import torch
@@ -284,18 +290,23 @@ def compare_command(
     checkpoints: Annotated[list[Path], typer.Argument(
         help="Checkpoint files (.pth) to compare.", show_default=False)],
     labels: Annotated[str | None, typer.Option(
-        "--labels", show_default=False, help="Comma-separated names, one per checkpoint (default: file names).")] = None,
+        "--labels", show_default=False,
+        help="Comma-separated names, one per checkpoint (default: file names).")] = None,
     baseline: Annotated[Path | None, typer.Option(
-        "--baseline", show_default=False, help="Checkpoint every other is compared with; added first if not "
-                           "among CHECKPOINTS (default: the first checkpoint).")] = None,
+        "--baseline", show_default=False,
+        help="Checkpoint every other is compared with; added first if not "
+             "among CHECKPOINTS (default: the first checkpoint).")] = None,
     output: Annotated[Path, typer.Option(
-        "--output", show_default=False, help=f"Where the comparison figure (PNG) goes (default "
-                         f"{DEFAULT_COMPARE_OUTPUT}).")] = Path(DEFAULT_COMPARE_OUTPUT),
+        "--output", show_default=False,
+        help=f"Where the comparison figure (PNG) goes (default "
+             f"{DEFAULT_COMPARE_OUTPUT}).")] = Path(DEFAULT_COMPARE_OUTPUT),
     input_size: Annotated[int, typer.Option(
-        "--input-size", show_default=False, help="Input height/width in pixels (default 32, CIFAR).")] = 32,
+        "--input-size", show_default=False,
+        help="Input height/width in pixels (default 32, CIFAR).")] = 32,
     json_out: Annotated[bool, typer.Option(
-        "--json", show_default=False, help="Print one JSON object {rows, figure} instead of a table "
-                       "(default off).")] = False,
+        "--json", show_default=False,
+        help="Print one JSON object {rows, figure} instead of a table "
+             "(default off).")] = False,
 ) -> None:
     """Compare checkpoints with a baseline: params, MACs, accuracy, and a bar chart."""
     from trainer.plots import plot_comparison

@@ -45,7 +45,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.mode in ("ddp", "dp"), f"--mode {cfg.mode!r}: use ddp or dp"),
         (cfg.mixed_precision in ("no", "bf16", "fp16"),
          f"--mixed-precision {cfg.mixed_precision!r}: use no, bf16 or fp16"),
-        (cfg.loader in ("auto", "torch", "gpu"), f"--loader {cfg.loader!r}: use auto, torch or gpu"),
+        (cfg.loader in ("auto", "torch", "gpu"),
+         f"--loader {cfg.loader!r}: use auto, torch or gpu"),
         (cfg.sparsity >= 0, f"--sparsity {cfg.sparsity}: must be 0 or positive"),
         (cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: must be 0 or positive"),
         (cfg.warmup_epochs >= 0, f"--warmup-epochs {cfg.warmup_epochs}: must be 0 or positive"),
@@ -338,7 +339,8 @@ def cmd_prune(cfg: RunConfig, accelerator, plots_dir: Path = Path("plots")) -> d
         save_checkpoint(output, make_checkpoint(result.model, prune=meta, config=saved_config(cfg)))
         from trainer.plots import plot_gamma_hist
 
-        gamma_png = plot_gamma_hist(all_gammas(model, cfg.scope), plots_dir / f"{output.stem}_gamma.png",
+        gamma_png = plot_gamma_hist(all_gammas(model, cfg.scope),
+                                    plots_dir / f"{output.stem}_gamma.png",
                                     threshold=result.threshold,
                                     title=f"BatchNorm |γ| of {Path(src).name}",
                                     label=f"threshold {result.threshold:.4g} (ratio {cfg.ratio:g})")
@@ -355,7 +357,8 @@ def _print_prune_summary(result, meta: dict, output: Path, gamma_png: Path) -> N
     table = Table(title=f"pruned {Path(meta['source']).name} at ratio {meta['ratio']:g}")
     for col in ("stage", "kept / total (bn1+bn2)", "kept %"):
         table.add_column(col, justify="right")
-    for stage, kept, total in stage_summary(result.masks):
+    rows = stage_summary(result.masks)
+    for stage, kept, total in rows:
         table.add_row(stage, f"{kept} / {total}", f"{100 * kept / total:.1f}%")
     console.print(table)
     before, after = meta["params_before"], meta["params_after"]
@@ -364,9 +367,17 @@ def _print_prune_summary(result, meta: dict, output: Path, gamma_png: Path) -> N
     if meta["acc_before"] is not None:
         say(f"test accuracy {meta['acc_before']:.2f}% before, {meta['acc_after']:.2f}% right "
             "after pruning")
+    removed = 1 - sum(k for _, k, _ in rows) / sum(t for _, _, t in rows)
+    if meta["scope"] == "all" and removed < 0.5 * meta["ratio"]:
+        # bn3 holds 2/3 of all channels and is never pruned: when its γ are the smallest
+        # (zero-initialised, short training), the threshold lands among them.
+        say(f"[yellow]note:[/] only {100 * removed:.1f}% of the prunable (bn1/bn2) channels "
+            f"were removed at ratio {meta['ratio']:g}: the threshold fell among the stem/bn3 γ, "
+            "which are never pruned; --scope prunable ranks bn1/bn2 only")
     if result.kept_min:
         say(f"[yellow]note:[/] the threshold would have emptied {len(result.kept_min)} layer(s); "
-            f"kept their {meta['min_channels']} largest-|γ| channel(s): {', '.join(result.kept_min)}")
+            f"kept their {meta['min_channels']} largest-|γ| channel(s): "
+            f"{', '.join(result.kept_min)}")
     say(f"wrote {output} and {gamma_png}")
 
 

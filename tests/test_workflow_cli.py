@@ -1,0 +1,107 @@
+"""The workflow through the real CLI (``python -m launch``): the pipeline end to end on
+synthetic data, and the basic bad inputs of train / prune / finetune (one line, exit 2)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import FAST, make_small_checkpoint, run_cli, small_cfg
+from trainer.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from trainer.models import ResNet50
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_one_line_error(r, *needles: str) -> str:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_on_synthetic_data(tmp_path):
+    r = run_cli("pipeline", "--dataset", "synthetic", "--cpu", "--ratios", "0.3,0.6",
+                "--train-epochs", "1", "--finetune-epochs", "1", "--synthetic-train", "128",
+                "--synthetic-test", "64", "--batch-size", "32", "--limit-batches", "2",
+                "--num-workers", "0", "--workdir", "w", cwd=tmp_path, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    work = tmp_path / "w"
+    ck, plots = work / "checkpoints", work / "plots"
+    for name in ("model_sparse.pth", "model_prune_30.pth", "model_prune_60.pth",
+                 "model_prune_30_finetune.pth", "model_prune_60_finetune.pth"):
+        assert (ck / name).is_file(), name
+    pngs = ["model_sparse.png", "model_prune_30_gamma.png", "model_prune_60_gamma.png",
+            "model_prune_30_finetune.png", "model_prune_60_finetune.png",
+            "comparison_30_vs_60_finetuned.png"]
+    for name in pngs:
+        assert (plots / name).read_bytes()[:8] == PNG_MAGIC, name
+    report = (work / "report.md").read_text()
+    assert "comparison_30_vs_60_finetuned.png" in report
+    sparse = load_checkpoint(ck / "model_sparse.pth")
+    assert sparse["config"]["sparsity"] == 1e-4 and sparse["config"]["optimizer"] == "sgd"
+    assert len(sparse["history"]["epoch"]) == 1
+    params = {}
+    for tag, ratio in (("30", 0.3), ("60", 0.6)):
+        pruned = load_checkpoint(ck / f"model_prune_{tag}.pth")
+        meta = pruned["prune"]
+        assert meta["ratio"] == ratio and Path(meta["source"]).name == "model_sparse.pth"
+        assert meta["acc_after"] is not None  # the synthetic test set is always there
+        tuned = load_checkpoint(ck / f"model_prune_{tag}_finetune.pth")
+        assert tuned["cfg"] == pruned["cfg"] and tuned["prune"]["ratio"] == ratio
+        assert tuned["best_acc"] == max(tuned["history"]["test_acc"])
+        assert tuned["config"]["optimizer"] == "adam" and tuned["config"]["epochs"] == 1
+        with (ck / f"model_prune_{tag}_finetune_metrics.csv").open() as fh:
+            assert len(list(csv.DictReader(fh))) == 1
+        params[tag] = meta["params_after"]
+        params["before"] = meta["params_before"]
+        assert f"{meta['params_after']:,}" in r.stdout  # the summary table
+    assert "pipeline summary" in r.stdout
+    # pruning removes channels, at least as many at the larger ratio
+    assert params["60"] <= params["30"] < params["before"], params
+
+
+# ---------------------------------------------------------------- bad inputs (issue 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ratio", ["0", "1.5"])  # more values in-process (test_prune)
+def test_prune_ratio_outside_open_interval(tmp_path, ratio):
+    src = make_small_checkpoint(tmp_path / "s.pth", width=2)
+    out = tmp_path / "p.pth"
+    out.write_bytes(b"keep me")
+    r = run_cli("prune", "--checkpoint", src, "--ratio", ratio, "--output", out, "--no-eval",
+                "--cpu", cwd=tmp_path)
+    assert_one_line_error(r, f"--ratio {float(ratio)}", "(0, 1)")
+    assert out.read_bytes() == b"keep me"  # nothing overwritten
+
+
+@pytest.mark.slow
+def test_finetune_epochs_zero(tmp_path):
+    src = make_small_checkpoint(tmp_path / "s.pth", width=2)
+    r = run_cli("finetune", "--checkpoint", src, "--epochs", "0", "--dataset", "synthetic",
+                *FAST, cwd=tmp_path)
+    assert_one_line_error(r, "--epochs 0")
+    assert not (tmp_path / "s_finetune.pth").exists()
+    assert not (tmp_path / "plots").exists()
+
+
+@pytest.mark.slow
+def test_prune_non_finite_gamma_checkpoint(tmp_path):
+    model = ResNet50(cfg=small_cfg(2))
+    with torch.no_grad():
+        model.layer2[0].bn2.weight.fill_(float("nan"))  # a diverged run
+    src = tmp_path / "model_sparse.pth"
+    save_checkpoint(src, make_checkpoint(model))
+    out = tmp_path / "p.pth"
+    r = run_cli("prune", "--checkpoint", src, "--ratio", "0.5", "--output", out, "--cpu",
+                cwd=tmp_path)
+    assert_one_line_error(r, "not finite")
+    assert not out.exists()
