@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from trainer.cli import build_app, run_app
+from trainer.cli import build_app, run_app, set_short_help
 
 
 def make_app():
@@ -17,6 +17,7 @@ def make_app():
 
     app = build_app(dispatch)
     register_config(app)
+    set_short_help(app)
     return app
 
 

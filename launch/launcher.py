@@ -111,11 +111,13 @@ def plan_launch(cfg: RunConfig, visible_gpus: int | None = None,
         mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, num_machines=cfg.num_machines,
         machine_rank=cfg.machine_rank, main_process_ip=cfg.main_process_ip,
         main_process_port=cfg.main_process_port)
-    if not cfg.cpu:
+    if not cfg.cpu and not cfg.dry_run:  # --dry-run previews a layout for any machine
         _check_machine(gpus, ids, visible)
     if process_count(config) == 1 and config.get("gpu_ids", "all") in ("all", "0"):
         return LaunchPlan(cfg)
     _check_batch(cfg.batch_size, config)
+    if cfg.command == "pipeline":
+        _check_batch(cfg.finetune_batch_size, config, "--finetune-batch-size")
     if "gpu_ids" in config and config["gpu_ids"] != "all":
         config["gpu_ids"] = through_visible_devices(config["gpu_ids"],
                                                     environ.get("CUDA_VISIBLE_DEVICES"))
@@ -128,7 +130,10 @@ def _user_config_plan(cfg: RunConfig) -> LaunchPlan:
                           "--gpus/--gpu-ids, or drop --accelerate-config to generate one")
     path = Path(cfg.accelerate_config)
     config = load_user_config(path)
+    cfg = cfg.replace(**settings_from_config(config))
     _check_batch(cfg.batch_size, config)
+    if cfg.command == "pipeline":
+        _check_batch(cfg.finetune_batch_size, config, "--finetune-batch-size")
     return _subprocess_plan(cfg, config, path, write=False)
 
 
@@ -185,6 +190,17 @@ def default_config_path(cfg: RunConfig, config: dict) -> Path:
     if int(config.get("num_machines", 1)) > 1:
         name += f"_node{config.get('machine_rank', 0)}"
     return folder / f"{name}.yaml"
+
+
+def settings_from_config(config: dict) -> dict[str, str]:
+    """What a user's Accelerate config decides for the worker, over the CLI defaults:
+    DataParallel (one process, ``distributed_type: 'NO'``, several ``gpu_ids``) and the mixed
+    precision (an unquoted ``no`` in YAML reads as False)."""
+    ids = str(config.get("gpu_ids") or "all")
+    dp = str(config.get("distributed_type")) == "NO" and "," in ids
+    precision = config.get("mixed_precision", "no")
+    return {"mode": "dp" if dp else "ddp",
+            "mixed_precision": "no" if precision in (False, None) else str(precision).lower()}
 
 
 def load_user_config(path: Path) -> dict:
@@ -248,13 +264,13 @@ def _check_machine(gpus: int, ids: list[int] | None, visible: int) -> None:
                           f"use --gpus {visible} or fewer")
 
 
-def _check_batch(batch_size: int, config: dict) -> None:
+def _check_batch(batch_size: int, config: dict, flag: str = "--batch-size") -> None:
     """DDP splits the global batch evenly: each process gets batch_size / processes images."""
     n = process_count(config)
     if n > 1 and batch_size % n:
         nearest = max(n, round(batch_size / n) * n)
-        raise ConfigError(f"--batch-size {batch_size} does not split evenly over {n} processes; "
-                          f"use a multiple of {n} (e.g. --batch-size {nearest})")
+        raise ConfigError(f"{flag} {batch_size} does not split evenly over {n} processes; "
+                          f"use a multiple of {n} (e.g. {flag} {nearest})")
 
 
 def _require_accelerate() -> None:

@@ -24,7 +24,7 @@ import torch
 
 from tests._faults import env
 from tests.fakedata import truncate_file, write_fake_cifar10, write_imagefolder
-from tests.helpers import FAST, make_small_checkpoint, run_cli
+from tests.helpers import FAST, REPO, make_small_checkpoint, run_cli
 from trainer.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from trainer.models import default_cfg, prunable_indices
 
@@ -262,3 +262,10 @@ def test_bad_input_row(row: Row, outcomes: dict[str, Outcome]):
 
 def test_every_row_has_a_unique_id_and_case():
     assert len({r.id for r in ROWS}) == len(ROWS) == len({r.case for r in ROWS})
+
+
+def test_readme_table_has_every_row():
+    """The README's "What happens when…" table and ROWS stay in step."""
+    readme = (REPO / "README.md").read_text()
+    missing = [r.case for r in ROWS if f"| {r.case} |" not in readme]
+    assert not missing, f"README table lacks: {missing}"

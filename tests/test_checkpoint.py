@@ -319,3 +319,21 @@ def test_info_cli_bad_checkpoint_one_line_exit_2(tmp_path, case):
     assert {"missing": "does not exist", "truncated": "truncated",
             "malicious": "refused"}[case] in lines[0]
     assert not target.exists()
+
+
+def test_bare_state_dict_gets_its_cfg_from_the_shapes(tmp_path):
+    """``torch.save(model.state_dict())`` of a (pruned, DataParallel) model loads as it is."""
+    model = ResNet50(10, small_cfg(3))
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "bare.pth")
+    ckpt = load_checkpoint(tmp_path / "bare.pth")
+    assert ckpt["cfg"] == model.cfg and ckpt["num_classes"] == 10
+    assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in model.state_dict().items())
+
+
+def test_bare_state_dict_of_another_network_is_named_as_such(tmp_path):
+    import torchvision
+
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(CheckpointError, match=r"r18\.pth is a bare state_dict \(122 tensors, "
+                                              r"first 'conv1\.weight'\) that is not the lab"):
+        load_checkpoint(tmp_path / "r18.pth")

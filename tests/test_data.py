@@ -371,3 +371,26 @@ def test_gpu_kind_gives_gpu_loaders() -> None:
                       GPUTrainLoader)
     test = make_test_loader(ds, batch_size=4, num_workers=0, kind="gpu")
     assert test.exact_shard and sum(len(y) for _, y in test) == 10
+
+
+def test_torch_loader_batches_do_not_depend_on_the_worker_count() -> None:
+    """Each batch is augmented from its own seed: 0, 1 or 2 workers give the same epoch, and
+    a loader whose workers live on (persistent) still yields each epoch afresh."""
+    ds = _synthetic()
+    runs = {}
+    for workers in (0, 1, 2):
+        loader = make_train_loader(ds, batch_size=8, num_workers=workers, seed=3)
+        runs[workers] = (_epoch(loader, 0), _epoch(loader, 1), _epoch(loader, 0))
+    for workers in (1, 2):
+        assert all(_same(a, b) for a, b in zip(runs[0], runs[workers]))
+    e0, e1, again = runs[0]
+    assert _same(e0, again) and not _same(e0, e1)
+
+
+def test_torch_loader_limit_then_full_epoch() -> None:
+    """Stopping an epoch early (--limit-batches) does not disturb the next epoch's batches."""
+    ds = _synthetic()
+    short = make_train_loader(ds, batch_size=8, num_workers=2, limit_batches=2)
+    full = make_train_loader(ds, batch_size=8, num_workers=2)
+    assert _same(_epoch(short, 0), _epoch(full, 0)[:2])
+    assert _same(_epoch(short, 1), _epoch(full, 1)[:2])

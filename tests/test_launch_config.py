@@ -20,6 +20,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
@@ -572,3 +573,30 @@ def test_two_machines_on_loopback_form_a_world_of_two(tmp_path):
     assert [r["rank"] for r in records] == [0, 1]
     assert all(r["world_size"] == 2 and r["backend"] == "gloo" and r["sum"] == 3.0
                for r in records)
+
+
+@pytest.mark.parametrize(("yaml_name", "mode", "precision"), [
+    ("dp_4gpu.yaml", "dp", "no"), ("ddp_4gpu.yaml", "ddp", "no")])
+def test_a_users_config_decides_mode_and_precision(yaml_name, mode, precision):
+    """--accelerate-config dp_4gpu.yaml must wrap in DataParallel, whatever --mode defaults to."""
+    p = plan(accelerate_config=str(ROOT / "configs" / "accelerate" / yaml_name))
+    assert p.cfg.mode == mode and p.cfg.mixed_precision == precision
+    argv = p.argv
+    assert argv[argv.index("--mode") + 1] == mode
+
+
+def test_mixed_precision_comes_from_the_users_yaml(tmp_path):
+    config = build_accelerate_config(gpus=2)
+    config["mixed_precision"] = "bf16"
+    path = tmp_path / "bf16.yaml"
+    path.write_text(yaml.safe_dump(config))
+    p = plan(accelerate_config=str(path), mixed_precision="no")
+    assert p.cfg.mixed_precision == "bf16"
+    assert p.argv[p.argv.index("--mixed-precision") + 1] == "bf16"
+
+
+def test_dry_run_previews_a_gpu_layout_on_a_machine_without_gpus():
+    p = plan(visible=0, gpus=4, dry_run=True)
+    assert p.config["num_processes"] == 4 and p.config["distributed_type"] == "MULTI_GPU"
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+        plan(visible=0, gpus=4)

@@ -22,6 +22,9 @@ from tests.helpers import run_cli
 from trainer.checkpoint import load_checkpoint, safe_torch_load
 
 DDP = ["--gpus", "2"]
+# Seed of the single-process runs: their test accuracy improves at epochs 2 and 3, so epoch 2
+# rewrites the best checkpoint (a kill point). The last --seed on the command line wins.
+SINGLE = ["--seed", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +77,12 @@ SINGLE_KILLS = [
 ]
 
 
-def _watched_run(root: Path, name: str) -> int:
+def _watched_run(root: Path, name: str, *extra: str) -> int:
     """Run to the end while reading the best checkpoint over and over (each read must load);
     returns the number of reads."""
     folder = root / name
     folder.mkdir()
-    proc = start(finetune_args(), folder, env(), log=folder / "log.txt")
+    proc = start(finetune_args(*extra), folder, env(), log=folder / "log.txt")
     best, loads = folder / "out" / "x.pth", 0
     try:
         while proc.poll() is None:
@@ -97,9 +100,9 @@ def _watched_run(root: Path, name: str) -> int:
 
 @pytest.mark.slow  # ~60 s on a busy 2-core machine
 def test_killed_single_process_run_resumes_to_the_identical_result(root):
-    assert _watched_run(root, "ref") >= 3  # the best checkpoint loaded at every read
+    assert _watched_run(root, "ref", *SINGLE) >= 3  # the best checkpoint loaded at every read
     assert _state(root, "ref")[1] >= 2  # epoch 2 rewrites the best checkpoint (a kill point)
-    _kill_chain(root, "single", SINGLE_KILLS)
+    _kill_chain(root, "single", SINGLE_KILLS, *SINGLE)
     assert_same_run(root / "ref", root / "single")
 
 
@@ -112,7 +115,7 @@ def test_resume_refuses_changed_settings_in_one_line(root):
     if not (root / "ref" / "out" / "x.last.pth").exists():
         pytest.skip("needs the uninterrupted run of the single-process test")
     before = _digest(root / "ref")
-    result = _run(root, "ref", "--resume", "--batch-size", "10", "--lr", "0.01",
+    result = _run(root, "ref", *SINGLE, "--resume", "--batch-size", "10", "--lr", "0.01",
                   "--epochs", "4")
     assert result.returncode == 2
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
@@ -125,7 +128,7 @@ def test_resume_refuses_changed_settings_in_one_line(root):
 def test_force_resume_continues_with_changed_epochs(root):
     if not (root / "single" / "out" / "x.last.pth").exists():
         pytest.skip("needs the resumed run of the single-process test")
-    result = _run(root, "single", "--resume", "--force-resume", "--epochs", "4")
+    result = _run(root, "single", *SINGLE, "--resume", "--force-resume", "--epochs", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = safe_torch_load(root / "single" / "out" / "x.last.pth")
     assert ckpt["epoch"] == 4 and ckpt["history"]["epoch"] == [1, 2, 3, 4]

@@ -45,6 +45,7 @@ def test_pipeline_end_to_end_on_synthetic_data(tmp_path):
         assert (plots / name).read_bytes()[:8] == PNG_MAGIC, name
     report = (work / "report.md").read_text()
     assert "comparison_30_vs_60_finetuned.png" in report
+    assert "n/a" not in report  # every number of the study is filled in (MACs included)
     sparse = load_checkpoint(ck / "model_sparse.pth")
     assert sparse["config"]["sparsity"] == 1e-4 and sparse["config"]["optimizer"] == "sgd"
     assert len(sparse["history"]["epoch"]) == 1
@@ -105,3 +106,22 @@ def test_prune_non_finite_gamma_checkpoint(tmp_path):
                 cwd=tmp_path)
     assert_one_line_error(r, "not finite")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_pipeline_with_two_processes(tmp_path):
+    """Under DDP every rank starts a stage only after the main process wrote the previous
+    stage's checkpoint (a rank reading model_sparse.pth early failed or pruned stale weights)."""
+    r = run_cli("pipeline", "--dataset", "synthetic", "--cpu", "--gpus", "2", "--ratios", "0.5",
+                "--train-epochs", "2", "--finetune-epochs", "1", "--synthetic-train", "64",
+                "--synthetic-test", "32", "--batch-size", "16", "--finetune-batch-size", "16",
+                "--limit-batches", "1", "--num-workers", "0", "--workdir", "w", cwd=tmp_path,
+                timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ck = tmp_path / "w" / "checkpoints"
+    sparse = load_checkpoint(ck / "model_sparse.pth")
+    pruned = load_checkpoint(ck / "model_prune_50.pth")
+    assert sparse["config"]["num_processes"] == 2 and len(sparse["history"]["epoch"]) == 2
+    assert pruned["prune"]["acc_before"] == sparse["best_acc"]  # pruned the final best weights
+    tuned = load_checkpoint(ck / "model_prune_50_finetune.pth")
+    assert tuned["config"]["batch_size"] == 16 and tuned["cfg"] == pruned["cfg"]

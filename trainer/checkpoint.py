@@ -161,8 +161,10 @@ def _weights_only_reason(text: str) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The first sentence of the first line (torch appends paragraphs of advice)."""
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
+    line = text[0] if text else type(exc).__name__
+    return line.split(". ")[0][:200]
 
 
 def _looks_truncated(msg: str) -> bool:
@@ -185,10 +187,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     arch = raw.get("arch", ARCH)
     if arch != ARCH:
         raise CheckpointError(f"{path} is a {arch!r} checkpoint; slimtune works on {ARCH!r} only")
+    if "cfg" not in raw and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raw = {"cfg": _cfg_from_shapes(path, clean_state_dict(raw)), "state_dict": raw}
     for key in ("cfg", "state_dict"):
         if key not in raw:
+            keys = [str(k) for k in raw]
+            shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} keys)" if len(keys) > 5 else "")
             raise CheckpointError(
-                f"{path} has no '{key}' (keys: {', '.join(map(str, raw)) or 'none'}); "
+                f"{path} has no '{key}' (keys: {shown or 'none'}); "
                 "expected a checkpoint with cfg and state_dict"
             )
     if not isinstance(raw["state_dict"], Mapping):
@@ -207,6 +213,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     ckpt.update(format_version=raw.get("format_version", 0), arch=ARCH,
                 num_classes=num_classes, cfg=cfg, state_dict=state)
     return ckpt
+
+
+def _cfg_from_shapes(path: str | os.PathLike, state: Mapping[str, torch.Tensor]) -> list[int]:
+    """The cfg of a bare state_dict (``torch.save(model.state_dict())``): each BatchNorm's width."""
+    try:
+        return [int(state[f"{name}.weight"].shape[0]) for name in bn_names()]
+    except KeyError:
+        raise CheckpointError(
+            f"{path} is a bare state_dict ({len(state)} tensors, first {next(iter(state))!r}) "
+            "that is not the lab ResNet-50's; give a slimtune or lab checkpoint "
+            "{cfg, state_dict}") from None
 
 
 def check_state_dict(state: Mapping[str, torch.Tensor], cfg: list[int], num_classes: int,

@@ -38,10 +38,12 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "num_workers": (int, "DataLoader worker processes per rank (torch loader)."),
     "loader": (str, ("Training data loader: auto (gpu on CUDA, else torch), torch, or gpu "
                     "(whole dataset on the device, augmentation on the device).")),
-    "limit_batches": (int | None, "Cap on training batches per epoch (smoke runs)."),
+    "limit_batches": (int | None, "Cap on training batches per epoch (smoke runs; default: "
+                                  "the whole epoch)."),
     # files
     "checkpoint": (str | None, "Input checkpoint (.pth)."),
-    "init": (str | None, "Start from this checkpoint's weights instead of from scratch."),
+    "init": (str | None, "Start from this checkpoint's weights instead of from scratch "
+                         "(default: from scratch)."),
     "output": (str | None, "Best checkpoint written here (default depends on the command)."),
     "plot": (str | None, "Curves figure (default plots/<output stem>.png)."),
     # optimisation
@@ -65,6 +67,7 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "finetune_epochs": (int, "Epochs of each fine-tune."),
     "train_lr": (float, "SGD LR of the sparse training stage."),
     "finetune_lr": (float, "Adam LR of the fine-tune stages."),
+    "finetune_batch_size": (int, "GLOBAL batch of the fine-tune stages (the lab's 100)."),
     "workdir": (str, "Outputs go to <workdir>/checkpoints and <workdir>/plots."),
     # device / process
     "seed": (int, "Random seed (same initial model on every rank; per-rank augmentation)."),
@@ -79,7 +82,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "channels_last": (bool, "channels_last memory format on CUDA."),
     "cudnn_benchmark": (bool, "cudnn.benchmark autotuning on CUDA."),
     "compile": (bool, "torch.compile the model (first epoch includes compile time)."),
-    "log_with": (str | None, "Accelerate tracker, e.g. tensorboard (must be installed)."),
+    "log_with": (str | None, "Accelerate tracker, e.g. tensorboard (must be installed; "
+                             "default: none)."),
     "dist_timeout": (int, "Seconds a collective may wait before the job fails (no hangs)."),
     "resume": (bool, "Continue from the .last.pth resume state beside --output."),
     "force_resume": (bool, "Resume even if result-changing settings differ."),
@@ -137,6 +141,7 @@ COMMANDS: list[tuple[str, str, list[str], dict[str, Any]]] = [
     Outputs under --workdir: checkpoints/, plots/ (curves, γ histograms, comparison) and
     report.md.""",
      ["train_epochs", "finetune_epochs", "sparsity", "ratios", "train_lr", "finetune_lr",
+      "finetune_batch_size",
       "batch_size", "warmup_epochs", "workdir", "scope", "min_channels", "eval", "log_with",
       "resume", "force_resume"] + DATA + DEVICE,
      # scope prunable: a ratio is the fraction of bn1/bn2 channels removed, whatever the
@@ -146,8 +151,22 @@ COMMANDS: list[tuple[str, str, list[str], dict[str, Any]]] = [
 ]
 
 
-def _option(name: str, default: Any) -> inspect.Parameter:
+# Where one option's meaning depends on the command.
+HELP_BY_COMMAND: dict[tuple[str, str], str] = {
+    ("train", "output"): "Best checkpoint (default checkpoints/model_sparse.pth with --sparsity "
+                         "> 0, else checkpoints/model.pth).",
+    ("prune", "output"): "Pruned checkpoint (default checkpoints/model_prune.pth).",
+    ("finetune", "output"): "Best checkpoint (default <checkpoint stem>_finetune.pth beside the "
+                            "input: model_prune.pth -> model_prune_finetune.pth).",
+    ("finetune", "plot"): "Curves figure (default plots/finetuning_results.png for "
+                          "model_prune.pth, else plots/<output stem>.png).",
+    ("train", "plot"): "Curves figure (default plots/<output stem>.png).",
+}
+
+
+def _option(name: str, default: Any, command: str = "") -> inspect.Parameter:
     typ, help_text = OPTIONS[name]
+    help_text = HELP_BY_COMMAND.get((command, name), help_text)
     flag = "--" + name.replace("_", "-")
     decl = [f"{flag}/--no-{flag[2:]}"] if typ is bool else [flag]
     ann = Annotated[typ, typer.Option(*decl, help=help_text, show_default=True)]
@@ -166,7 +185,7 @@ def _make_command(name: str, doc: str, fields: list[str], defaults: dict[str, An
         default = defaults.get(f, getattr(base, f))
         if f == "ratios" and not isinstance(default, str):
             default = ",".join(f"{r:g}" for r in default)
-        params.append(_option(f, default))
+        params.append(_option(f, default, name))
 
     def command(**kwargs: Any) -> int:
         return dispatch(config_from_options(name, kwargs))
@@ -208,8 +227,19 @@ def build_app(dispatch: Dispatch | None = None, name: str = "slimtune") -> typer
 
     register_report(app)
     from trainer.bench import register as register_bench
+
     register_bench(app)
+    set_short_help(app)
     return app
+
+
+def set_short_help(app: typer.Typer) -> None:
+    """The command list of ``--help`` shows each command's whole first docstring line
+    (Click would cut it at 45 characters)."""
+    for info in app.registered_commands:
+        doc = info.help or inspect.getdoc(info.callback) or ""
+        if info.short_help is None and doc:
+            info.short_help = doc.strip().splitlines()[0].rstrip(".")
 
 
 def _failure(message: str, code: int) -> None:

@@ -58,6 +58,7 @@ class RunConfig:
     # pipeline
     train_epochs: int = 20
     finetune_epochs: int = 10
+    finetune_batch_size: int = 100  # pipeline: global batch of the fine-tune stages (lab: 100)
     train_lr: float = 0.1  # pipeline: SGD LR of the sparse training stage
     finetune_lr: float = 1e-3  # pipeline: Adam LR of the fine-tune stages
     workdir: str = "."

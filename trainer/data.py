@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
 
 from trainer import synthetic
@@ -287,7 +287,9 @@ def _image_split(root: Path, size: int, train: bool) -> torchvision.datasets.Dat
         ds = torchvision.datasets.DatasetFolder(str(root), loader=_load_rgb,
                                                 extensions=IMAGE_EXTENSIONS, transform=tf)
     except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"no usable images in {root} ({_one_line(e)}); put images in "
+        # torchvision's message repeats the extension list; keep its first sentence
+        reason = _one_line(e).split(". ")[0]
+        raise DataError(f"no usable images in {root} ({reason}); put images in "
                         f"{root}/<class>/ (extensions {', '.join(IMAGE_EXTENSIONS)})") from None
     return ds
 
@@ -318,61 +320,91 @@ class TrainLoader(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
+class _SeededBatches(Sampler):
+    """This rank's shard in batches, each tagged with the seed of its augmentation:
+    ``(derive_seed(seed, epoch, rank, batch_index), indices)``."""
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int, seed: int, rank: int):
+        self.sampler, self.batch_size, self.seed, self.rank = sampler, batch_size, seed, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        indices = list(self.sampler)
+        for b, start in enumerate(range(0, len(indices), self.batch_size)):
+            yield (derive_seed(self.seed, self.epoch, self.rank, b),
+                   indices[start:start + self.batch_size])
+
+
+class _SeededDataset(Dataset):
+    """Fetches a tagged batch with torch's global RNG (which torchvision's random transforms
+    draw from) seeded by the tag, and restored afterwards: the augmentation of a batch is the
+    same in any worker, with any number of workers, and leaves the caller's RNG alone."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.base[index]
+
+    def __getitems__(self, tagged: tuple[int, list[int]]) -> list[Any]:
+        seed, indices = tagged
+        outer = torch.get_rng_state()
+        torch.default_generator.manual_seed(seed)  # CPU generator only: torch.manual_seed
+        try:                                       # would also seed CUDA (~0.2 ms)
+            return [self.base[i] for i in indices]
+        finally:
+            torch.set_rng_state(outer)
+
+
 class TorchTrainLoader:
     """DataLoader over a DistributedSampler whose epoch e on rank r depends only on (seed, e, r).
 
     * Order: DistributedSampler(seed) + set_epoch -> same permutation on every rank, padded and
       strided into disjoint, equal-length shards.
-    * Augmentation with workers: each epoch re-seeds the DataLoader's generator with
-      derive_seed(seed, e, r); the workers (restarted every epoch, persistent_workers=False)
-      seed torch from it, and batch i always goes to worker i % num_workers.
-    * Augmentation without workers: the transforms draw from the global torch RNG of this
-      process, so each epoch starts from a private RNG state seeded with derive_seed(seed, e, r)
-      that is swapped in around every batch fetch; the global RNG (model init, dropout) neither
-      affects the augmentation nor is changed by it.
+    * Augmentation: batch b of epoch e on rank r is drawn with torch's RNG seeded from
+      derive_seed(seed, e, r, b) (see _SeededDataset), so it does not depend on the number of
+      workers, on which worker fetched it, or on restarts (resume gives the same batches).
+    * Workers are persistent: forking them anew every epoch costs about a second here, which
+      is most of a short epoch.
     """
 
     def __init__(self, dataset: Dataset, *, batch_size: int, num_workers: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, device: torch.device | str = "cpu",
                  limit_batches: int | None = None, channels_last: bool = False) -> None:
         self.device = torch.device(device)
-        self.seed, self.rank, self.epoch = seed, rank, 0
         self.num_workers, self.channels_last = num_workers, channels_last
-        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                          shuffle=True, seed=seed, drop_last=False)
-        self.generator = torch.Generator()
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                     shuffle=True, seed=seed, drop_last=False)
+        self.batches = _SeededBatches(sampler, batch_size, seed, rank)
         self.pin = self.device.type == "cuda"
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
+        self.loader = DataLoader(_SeededDataset(dataset), batch_sampler=self.batches,
                                  num_workers=num_workers, pin_memory=self.pin,
-                                 generator=self.generator, persistent_workers=False)
-        full = len(self.loader)
+                                 persistent_workers=num_workers > 0)
+        full = len(self.batches)
         self._len = full if limit_batches is None else min(full, limit_batches)
-        self.num_samples = min(len(self.sampler), self._len * batch_size)
+        self.num_samples = min(len(sampler), self._len * batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration yields."""
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
+        self.batches.set_epoch(epoch)
 
     def __len__(self) -> int:
         return self._len
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch_seed = derive_seed(self.seed, self.epoch, self.rank)
-        self.generator.manual_seed(epoch_seed)
         batches = iter(self.loader)
-        aug_state = torch.Generator().manual_seed(epoch_seed).get_state()
         for _ in range(self._len):
-            if self.num_workers == 0:
-                outer = torch.get_rng_state()
-                torch.set_rng_state(aug_state)
-                try:
-                    x, y = next(batches)
-                finally:
-                    aug_state = torch.get_rng_state()
-                    torch.set_rng_state(outer)
-            else:
-                x, y = _next_from_workers(batches)
+            x, y = _next_from_workers(batches) if self.num_workers else next(batches)
             yield self._to_device(x, y)
 
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -146,8 +146,13 @@ def _check(losses: list[torch.Tensor], epoch: int, first_step: int, device) -> N
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
                     accelerator, cfg: RunConfig, epoch: int,
-                    on_step: Callable[[int, int, float], None] | None = None) -> dict[str, float]:
-    """One pass over ``loader``; returns loss/accuracy averaged over ALL ranks' samples."""
+                    on_step: Callable[..., None] | None = None) -> dict[str, float]:
+    """One pass over ``loader``; returns loss/accuracy averaged over ALL ranks' samples.
+
+    ``on_step(step, steps, n, running)`` follows every step; ``running`` is this rank's
+    (loss, accuracy %) so far, read only right after a NaN/stop check (which already
+    synchronised the device), else None.
+    """
     model.train()
     device = accelerator.device
     steps = len(loader)
@@ -170,11 +175,15 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         correct += (out.detach().argmax(1) == y).sum()
         count += n
         pending.append(loss.detach())
+        running = None
         if (step + 1) % check_every == 0 or step + 1 == steps:
             _check(pending, epoch, pending_start, device)
             pending, pending_start = [], step + 1
+            if on_step is not None and dist.is_main():
+                c = count.item()
+                running = (loss_sum.item() / c, 100.0 * correct.item() / c)
         if on_step is not None:
-            on_step(step + 1, steps, n)
+            on_step(step + 1, steps, n, running)
     totals = dist.all_reduce_sum(torch.stack([loss_sum, correct, count]))
     total = max(totals[2].item(), 1.0)
     return {"train_loss": totals[0].item() / total, "train_acc": 100.0 * totals[1].item() / total,

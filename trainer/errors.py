@@ -32,3 +32,4 @@ class StopRequested(Exception):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
+        self.resumable = False  # set when a resume state exists to continue from

@@ -24,7 +24,7 @@ from trainer.engine import (
     train_one_epoch,
     write_csv,
 )
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, StopRequested
 from trainer.gpu_loader import derive_seed
 from trainer.models import unwrap_model
 from trainer.progress import EpochProgress, say
@@ -97,12 +97,17 @@ def fit(model: nn.Module, optimizer, *, accelerator, cfg: RunConfig, train_loade
             _run_epoch(model, optimizer, epoch, state, bar, accelerator=accelerator, cfg=cfg,
                        train_loader=train_loader, test_loader=test_loader, paths=paths,
                        extra=extra)
+    except StopRequested as stop:
+        stop.resumable = paths["last"].exists()
+        raise
     finally:
         bar.close()
     if main and plot is not None and state.history["epoch"]:
         from trainer.plots import plot_curves
 
         plot_curves(state.history, plot, title=title, best_epoch=state.best_epoch)
+    # The next stage of a pipeline reads what the main process just wrote, on every rank.
+    dist.barrier()
     return state
 
 

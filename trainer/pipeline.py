@@ -53,6 +53,7 @@ def run_pipeline(cfg: RunConfig, accelerator) -> list[dict]:
         tuned = ckpts / f"model_prune_{tag}_finetune.pth"
         ft_cfg = cfg.replace(command="finetune", checkpoint=str(pruned), output=str(tuned),
                              epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, optimizer="adam",
+                             batch_size=cfg.finetune_batch_size,
                              weight_decay=0.0, warmup_epochs=0.0, sparsity=0.0, plot=None)
         if not (cfg.resume and stage_done(tuned)):
             cmd_finetune(ft_cfg.replace(resume=cfg.resume and run_paths(tuned)["last"].exists()),
@@ -106,11 +107,15 @@ def finish_study(cfg: RunConfig, baseline: Path, rows: list[dict], plots: Path) 
                         plots / f"model_prune_{tag}_gamma.png"))
         figures.append((f"fine-tuning, ratio {r['ratio']:g}",
                         plots / f"model_prune_{tag}_finetune.png"))
+    study = [{**r, "pruned_acc": r["acc_after_prune"], "macs": t["macs"]}
+             for r, t in zip(rows, table[1:])]  # table[0] is the baseline
     report = write_report(Path(cfg.workdir), title="slimtune study", rows=table, figures=figures,
-                          pipeline_rows=[{**r, "pruned_acc": r["acc_after_prune"]} for r in rows],
+                          pipeline_rows=study,
                           settings={
                               "dataset": cfg.dataset, "train epochs": cfg.train_epochs,
                               "fine-tune epochs": cfg.finetune_epochs, "sparsity": cfg.sparsity,
                               "ratios": ", ".join(f"{r:g}" for r in cfg.ratios),
-                              "batch size": cfg.batch_size, "seed": cfg.seed})
+                              "batch size (train / fine-tune)":
+                                  f"{cfg.batch_size} / {cfg.finetune_batch_size}",
+                              "seed": cfg.seed})
     say(f"report: {report}")

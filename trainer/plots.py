@@ -150,11 +150,20 @@ def plot_gamma_hist(gammas: Any, path: str | os.PathLike, *, threshold: float | 
     if values.size == 0:
         raise ValueError("no BatchNorm gammas to plot")
     fig, ax = plt.subplots(figsize=(8, 4.6))
-    top = float(values.max()) or 1.0
-    ax.hist(values, bins=np.linspace(0.0, top * 1.001, 81), color="#1f77b4", edgecolor="white",
-            linewidth=0.3, label=f"{values.size:,} channels")
+    # Bins span the data (and the threshold), not [0, max]: after a short sparse run every γ
+    # still sits near its initial 1.0, and a [0, 1] axis would draw one bar.
+    marks = [values.min(), values.max()] + ([threshold] if threshold is not None else [])
+    lo, hi = float(min(marks)), float(max(marks))
+    pad = 0.02 * (hi - lo) or 0.01 * max(hi, 1e-3)
+    counts, _, _ = ax.hist(values, bins=np.linspace(max(lo - pad, 0.0), hi + pad, 81),
+                           color="#1f77b4", edgecolor="white", linewidth=0.3,
+                           label=f"{values.size:,} channels")
+    # headroom above the tallest bar keeps the legend off the bars
     if log_count:
         ax.set_yscale("log")
+        ax.set_ylim(0.7, float(counts.max()) * 12)  # a bin of one channel stays visible
+    else:
+        ax.set_ylim(0, float(counts.max()) * 1.35)
     if threshold is not None:
         below = int((values <= threshold).sum())
         text = label or f"threshold {threshold:.4g}"

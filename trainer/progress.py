@@ -44,19 +44,24 @@ class EpochProgress:
             self._batches = self._progress.add_task("batches", total=steps, info="")
             self._progress.start()
         self._t0 = time.perf_counter()
-        self._seen = 0
+        self._seen, self._running = 0, ""
 
     def start_epoch(self, epoch: int) -> None:
-        self._t0, self._seen = time.perf_counter(), 0
+        self._t0, self._seen, self._running = time.perf_counter(), 0, ""
         if self._progress:
             self._progress.reset(self._batches, total=self.steps,
                                  description=f"epoch {epoch + 1}", info="")
 
-    def step(self, step: int, steps: int, n: int) -> None:
+    def step(self, step: int, steps: int, n: int,
+             running: tuple[float, float] | None = None) -> None:
+        """After each step; ``running`` = (loss, accuracy %) of the main rank's epoch so far."""
         self._seen += n * self.world  # every rank runs a batch of n per step
+        if running is not None:
+            self._running = f"loss {running[0]:.4f} acc {running[1]:.2f}%  "
         if self._progress:
             rate = self._seen / max(time.perf_counter() - self._t0, 1e-9)
-            self._progress.update(self._batches, completed=step, info=f"{rate:,.0f} img/s")
+            self._progress.update(self._batches, completed=step,
+                                  info=f"{self._running}{rate:,.0f} img/s")
 
     def images_per_s(self) -> float:
         return self._seen / max(time.perf_counter() - self._t0, 1e-9)

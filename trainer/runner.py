@@ -41,6 +41,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.epochs >= 1, f"--epochs {cfg.epochs}: need at least 1 epoch"),
         (cfg.lr > 0, f"--lr {cfg.lr}: the learning rate must be positive"),
         (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: need at least 1"),
+        (cfg.finetune_batch_size >= 1,
+         f"--finetune-batch-size {cfg.finetune_batch_size}: need at least 1"),
         (cfg.optimizer in ("sgd", "adam"), f"--optimizer {cfg.optimizer!r}: use sgd or adam"),
         (cfg.mode in ("ddp", "dp"), f"--mode {cfg.mode!r}: use ddp or dp"),
         (cfg.mixed_precision in ("no", "bf16", "fp16"),
@@ -62,8 +64,11 @@ def validate(cfg: RunConfig) -> None:
     ratios = list(cfg.ratios) if cfg.command == "pipeline" else []
     if cfg.command == "prune":
         ratios.append(cfg.ratio)
+    if cfg.command == "prune" and cfg.ratio is None:
+        raise ConfigError("prune needs --ratio R with 0 < R < 1 (the fraction of channels to "
+                          "remove), e.g. --ratio 0.5")
     for r in ratios:
-        if r is None or not 0 < r < 1:
+        if not 0 < r < 1:
             raise ConfigError(f"--ratio {r} is outside (0, 1); give the fraction of channels "
                               "to prune, e.g. 0.5")
     if cfg.command == "pipeline" and (cfg.train_epochs < 1 or cfg.finetune_epochs < 1):
@@ -360,13 +365,14 @@ def _print_prune_summary(result, meta: dict, output: Path, gamma_png: Path) -> N
     rows = stage_summary(result.masks)
     for stage, kept, total in rows:
         table.add_row(stage, f"{kept} / {total}", f"{100 * kept / total:.1f}%")
-    console.print(table)
     before, after = meta["params_before"], meta["params_after"]
-    say(f"threshold |γ| = {meta['threshold']:.6g}; params {before:,} -> {after:,} "
-        f"({100 * (1 - after / before):.1f}% fewer)")
+    table.add_section()
+    table.add_row("params", f"{before:,} -> {after:,}", f"{100 * after / before:.1f}%")
+    table.add_row("threshold |γ|", f"{meta['threshold']:.6g}", f"scope {meta['scope']}")
     if meta["acc_before"] is not None:
-        say(f"test accuracy {meta['acc_before']:.2f}% before, {meta['acc_after']:.2f}% right "
-            "after pruning")
+        table.add_row("test acc", f"{meta['acc_before']:.2f}% -> {meta['acc_after']:.2f}%",
+                      "right after")
+    console.print(table)
     removed = 1 - sum(k for _, k, _ in rows) / sum(t for _, _, t in rows)
     if meta["scope"] == "all" and removed < 0.5 * meta["ratio"]:
         # bn3 holds 2/3 of all channels and is never pruned: when its γ are the smallest
@@ -401,9 +407,12 @@ def run_worker(cfg: RunConfig) -> int:
         else:
             {"train": cmd_train, "finetune": cmd_finetune}[cfg.command](cfg, accelerator)
     except StopRequested as stop:
-        if dist.is_main():
+        if dist.is_main() and (stop.resumable or cfg.command == "pipeline"):
             console.print(f"{stop}; the last finished epoch is saved. Resume with the same "
                           "command plus --resume", style="yellow")
+        elif dist.is_main():
+            console.print(f"{stop}, before any epoch finished: nothing to resume; run the "
+                          "same command again", style="yellow")
         return stop.exit_code
     finally:
         STOP.restore()
