@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Let ``from tests.fakedata import ...`` work under a bare ``pytest`` too, not only
 # ``python -m pytest`` (which puts the working directory on sys.path).
@@ -19,3 +20,12 @@ def fake_cifar10(tmp_path: Path) -> Path:
     """A data dir holding a small fake cifar-10-batches-py/ (5 x 20 train, 30 test images)."""
     write_fake_cifar10(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One OpenMP thread: faster than two fighting other jobs on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

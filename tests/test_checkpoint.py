@@ -31,12 +31,7 @@ HISTORY = {"epoch": [1, 2, 3], "lr": [1e-3, 1e-3, 1e-4], "train_loss": [2.0, 1.5
            "test_acc": [18.0, 47.25, 44.0]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def lab_cfg(width: int = 4) -> list[int]:

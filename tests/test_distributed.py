@@ -104,6 +104,16 @@ def load_accelerate_config(path: Path):
     return load_config_from_file(str(path))
 
 
+def communicate_all(procs: list[subprocess.Popen]) -> list[tuple[str, str]]:
+    """(stdout, stderr) of processes that run side by side; none is left running."""
+    try:
+        return [p.communicate(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -173,13 +183,7 @@ def evaluate_json(inputs: SimpleNamespace, cwd: Path, variants: list[list[str]])
     procs = [subprocess.Popen(base + extra, cwd=cwd, env=cli_env(), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for extra in variants]
-    try:
-        outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    outputs = communicate_all(procs)
     results = []
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, out[-2000:] + err[-2000:]
@@ -250,8 +254,10 @@ def gloo_rank_main() -> dict:
 @pytest.mark.slow  # two python processes importing torch + accelerate, ~5-15 s
 def test_train_metrics_average_all_ranks_samples_and_replicas_stay_equal(tmp_path):
     port = free_port()
+    # trainer.__main__.leave: a gloo rank may abort in interpreter finalisation otherwise
     code = ("import json; from tests.test_distributed import gloo_rank_main; "
-            "print('RECORD ' + json.dumps(gloo_rank_main()))")
+            "from trainer.__main__ import leave; "
+            "print('RECORD ' + json.dumps(gloo_rank_main())); leave(0)")
     procs = []
     for rank in (0, 1):
         env = cli_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
@@ -259,13 +265,7 @@ def test_train_metrics_average_all_ranks_samples_and_replicas_stay_equal(tmp_pat
                       ACCELERATE_USE_CPU="true")
         procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    try:
-        outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    outputs = communicate_all(procs)
     assert [p.returncode for p in procs] == [0, 0], outputs
     records = [json.loads(next(ln for ln in o.splitlines() if ln.startswith("RECORD "))[7:])
                for o, _ in outputs]

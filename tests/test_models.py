@@ -20,14 +20,7 @@ from trainer.models import (
     validate_cfg,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One OpenMP thread: faster than two fighting other jobs on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ from trainer.prune import (
 DEAD = "layer3.2.bn1"  # the layer whose every γ is tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def randomize(model: ResNet50, seed: int = 0) -> ResNet50:

@@ -25,13 +25,7 @@ from trainer.models import ResNet50, batchnorms
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One OpenMP thread: faster than two fighting other jobs on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_png(path: Path) -> None:
