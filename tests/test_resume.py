@@ -116,11 +116,12 @@ def test_resume_refuses_changed_settings_in_one_line(root):
         pytest.skip("needs the uninterrupted run of the single-process test")
     before = _digest(root / "ref")
     result = _run(root, "ref", *SINGLE, "--resume", "--batch-size", "10", "--lr", "0.01",
-                  "--epochs", "4")
+                  "--epochs", "4", "--loader", "gpu")
     assert result.returncode == 2
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --resume refused"), result.stderr
-    for part in ("batch_size: 20 -> 10", "epochs: 3 -> 4", "lr: 0.003 -> 0.01", "--force-resume"):
+    for part in ("batch_size: 20 -> 10", "epochs: 3 -> 4", "lr: 0.003 -> 0.01",
+                 "loader: 'torch' -> 'gpu'", "--force-resume"):
         assert part in lines[0]
     assert _digest(root / "ref") == before
 

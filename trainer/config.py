@@ -17,7 +17,7 @@ LAUNCHER_FIELDS = frozenset({
 RESULT_FIELDS = ("command", "dataset", "data_dir", "image_size", "batch_size", "epochs", "lr",
                  "optimizer", "momentum", "weight_decay", "warmup_epochs", "sparsity", "ratio",
                  "seed", "limit_batches", "checkpoint", "init", "mode", "num_processes",
-                 "mixed_precision",                  "synthetic_train", "synthetic_test")
+                 "mixed_precision", "loader", "synthetic_train", "synthetic_test")
 
 
 @dataclass

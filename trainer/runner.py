@@ -227,6 +227,8 @@ def run_training(cfg: RunConfig, accelerator, model: nn.Module, data, *, output:
     """Optimizer + loaders + fit: the part train and finetune share."""
     ensure_writable(output.parent)
     ensure_writable(plot.parent)
+    # saved resolved: a resume on another device must not switch loaders (and augmentation)
+    cfg = cfg.replace(loader=loader_kind(cfg, accelerator.device))
     train_loader, test_loader = make_loaders(cfg, data, accelerator)
     model = model.to(accelerator.device)
     optimizer = make_optimizer(model, cfg)
