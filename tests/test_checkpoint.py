@@ -15,6 +15,7 @@ from tests.fakedata import truncate_file
 from tests.helpers import make_small_checkpoint, run_cli, small_cfg
 from trainer.checkpoint import (
     FORMAT_VERSION,
+    atomic_torch_save,
     build_model,
     load_checkpoint,
     make_checkpoint,
@@ -332,3 +333,15 @@ def test_bare_state_dict_of_another_network_is_named_as_such(tmp_path):
     with pytest.raises(CheckpointError, match=r"r18\.pth is a bare state_dict \(122 tensors, "
                                               r"first 'conv1\.weight'\) that is not the lab"):
         load_checkpoint(tmp_path / "r18.pth")
+
+
+def test_a_resume_state_loads_as_its_last_epochs_model(tmp_path):
+    """``profile checkpoints/*.pth`` meets <stem>.last.pth files; they describe a model too."""
+    model = ResNet50(10, small_cfg(2))
+    history = {"epoch": [1], "test_acc": [12.5]}
+    atomic_torch_save({"kind": "resume", "model": model.state_dict(), "optimizer": {},
+                       "epoch": 1, "best_acc": 12.5, "best_epoch": 1, "history": history,
+                       "config": {"epochs": 3}, "finished": False}, tmp_path / "x.last.pth")
+    ckpt = load_checkpoint(tmp_path / "x.last.pth")
+    assert ckpt["cfg"] == model.cfg and ckpt["history"] == history
+    assert "best_acc" not in ckpt  # the best weights are in x.pth, not here

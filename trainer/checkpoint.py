@@ -187,6 +187,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     arch = raw.get("arch", ARCH)
     if arch != ARCH:
         raise CheckpointError(f"{path} is a {arch!r} checkpoint; slimtune works on {ARCH!r} only")
+    if raw.get("kind") == "resume" and isinstance(raw.get("model"), Mapping):
+        # a run's <stem>.last.pth: the weights of its last finished epoch (not its best)
+        raw = {"cfg": _cfg_from_shapes(path, clean_state_dict(raw["model"])),
+               "state_dict": raw["model"],
+               **{k: raw[k] for k in ("history", "config") if k in raw}}
     if "cfg" not in raw and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
         raw = {"cfg": _cfg_from_shapes(path, clean_state_dict(raw)), "state_dict": raw}
     for key in ("cfg", "state_dict"):
