@@ -152,3 +152,23 @@ def test_nan_in_one_process_is_one_line_and_writes_nothing(folder):
     assert lines == [("error: loss became non-finite at epoch 1, step 2; lower --lr or add "
                       "--warmup-epochs (the best checkpoint already written is intact)")]
     assert not (folder / "out" / "x.pth").exists()
+
+
+@pytest.mark.slow  # ~15 s
+def test_ctrl_c_to_the_process_group_with_loader_workers(folder):
+    """Ctrl-C reaches every process of the foreground group, DataLoader workers included: they
+    must keep serving until the main process stops at its next step boundary."""
+    proc = start(finetune_args("--num-workers", "2"), folder,
+                 env(SLIMTUNE_TEST_STEP_SLEEP="0.3"))
+    out = folder / "out"
+    try:
+        wait_for(lambda: (out / "x.last.pth").exists(), 180, "the end of epoch 1")
+        time.sleep(0.8)  # into epoch 2, workers alive and prefetching
+        os.killpg(proc.pid, signal.SIGINT)
+    except BaseException:
+        proc.kill()
+        raise
+    output, took = _finish(proc, STOP_BOUND_S)
+    assert proc.returncode == 130, output[-3000:]
+    assert "stopped by SIGINT in epoch 2" in output and "Traceback" not in output
+    _assert_epoch_one_kept(out)

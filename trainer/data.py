@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -320,6 +321,14 @@ class TrainLoader(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
+def ignore_ctrl_c(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT. Ctrl-C reaches the whole foreground process group;
+    the main process stops at its next step boundary (every 25 steps on a GPU) and needs
+    batches until then, but a worker's default is to exit quietly on KeyboardInterrupt.
+    (SIGTERM keeps its default: multiprocessing ends its workers with it at exit.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _SeededBatches(Sampler):
     """This rank's shard in batches, each tagged with the seed of its augmentation:
     ``(derive_seed(seed, epoch, rank, batch_index), indices)``."""
@@ -389,7 +398,8 @@ class TorchTrainLoader:
         self.pin = self.device.type == "cuda"
         self.loader = DataLoader(_SeededDataset(dataset), batch_sampler=self.batches,
                                  num_workers=num_workers, pin_memory=self.pin,
-                                 persistent_workers=num_workers > 0)
+                                 persistent_workers=num_workers > 0,
+                                 worker_init_fn=ignore_ctrl_c)
         full = len(self.batches)
         self._len = full if limit_batches is None else min(full, limit_batches)
         self.num_samples = min(len(sampler), self._len * batch_size)
@@ -470,4 +480,5 @@ def make_test_loader(ds: Datasets, *, batch_size: int, num_workers: int, kind: s
                              channels_last=channels_last)
     pin = torch.device(device).type == "cuda"
     return DataLoader(ds.test, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      worker_init_fn=ignore_ctrl_c,
                       pin_memory=pin)
