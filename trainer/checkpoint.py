@@ -77,10 +77,17 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             fh.flush()
             _test_kill_in_save(path, fh)
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is a normal file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
 
 
 _SAVES: dict[str, int] = {}
