@@ -49,3 +49,15 @@ def run_cli(*args: str, cwd: Path, module: str = "launch", timeout: float = 300,
 
 # Options for a fast fine-tune on the fake CIFAR-10 written by tests.fakedata.
 FAST = ["--cpu", "--num-workers", "0", "--batch-size", "20"]
+
+
+def communicate_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    """(stdout, stderr) of processes run side by side; none outlives the call (a hung
+    rendezvous must not outlive the test)."""
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import signal
 import socket
 import time
 from pathlib import Path
@@ -394,3 +395,19 @@ def test_torch_loader_limit_then_full_epoch() -> None:
     full = make_train_loader(ds, batch_size=8, num_workers=2)
     assert _same(_epoch(short, 0), _epoch(full, 0)[:2])
     assert _same(_epoch(short, 1), _epoch(full, 1)[:2])
+
+
+def test_loader_workers_survive_ctrl_c() -> None:
+    """Ctrl-C reaches the workers too; the main process stops only at its next step boundary
+    (every 25 steps on a GPU) and must still get every batch until then."""
+    ds = _synthetic(400)
+    loader = make_train_loader(ds, batch_size=8, num_workers=2)
+    loader.set_epoch(0)
+    batches = iter(loader)
+    first = next(batches)
+    workers = list(loader.loader._iterator._workers)  # the DataLoader's worker processes
+    for w in workers:
+        os.kill(w.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in workers)
+    assert len([first, *batches]) == len(loader) == 50

@@ -27,7 +27,7 @@ from torch import nn
 from launch import launcher
 from launch.accelerate_config import build_accelerate_config
 from tests.fakedata import write_fake_cifar10
-from tests.helpers import FAST, REPO, cli_env, make_small_checkpoint, run_cli
+from tests.helpers import FAST, REPO, cli_env, communicate_all, make_small_checkpoint, run_cli
 from trainer.checkpoint import (
     build_model,
     load_checkpoint,
@@ -104,16 +104,6 @@ def load_accelerate_config(path: Path):
     return load_config_from_file(str(path))
 
 
-def communicate_all(procs: list[subprocess.Popen]) -> list[tuple[str, str]]:
-    """(stdout, stderr) of processes that run side by side; none is left running."""
-    try:
-        return [p.communicate(timeout=TIMEOUT) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -183,7 +173,7 @@ def evaluate_json(inputs: SimpleNamespace, cwd: Path, variants: list[list[str]])
     procs = [subprocess.Popen(base + extra, cwd=cwd, env=cli_env(), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for extra in variants]
-    outputs = communicate_all(procs)
+    outputs = communicate_all(procs, TIMEOUT)
     results = []
     for p, (out, err) in zip(procs, outputs):
         assert p.returncode == 0, out[-2000:] + err[-2000:]
@@ -265,7 +255,7 @@ def test_train_metrics_average_all_ranks_samples_and_replicas_stay_equal(tmp_pat
                       ACCELERATE_USE_CPU="true")
         procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = communicate_all(procs)
+    outputs = communicate_all(procs, TIMEOUT)
     assert [p.returncode for p in procs] == [0, 0], outputs
     records = [json.loads(next(ln for ln in o.splitlines() if ln.startswith("RECORD "))[7:])
                for o, _ in outputs]
@@ -367,13 +357,7 @@ def test_two_machines_on_loopback_finetune_one_epoch(inputs, tmp_path):
                 *finetune_args(inputs, tmp_path / f"out{rank}"), *node]
         procs.append(subprocess.Popen(argv, cwd=tmp_path, env=cli_env(), text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    try:
-        outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-    finally:
-        for p in procs:  # a hung rendezvous must not outlive the test
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    outputs = [out for out, _ in communicate_all(procs, TIMEOUT)]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2500:] + outputs[1][-2500:]
     check_finetune_output(tmp_path / "out0", inputs.data, epochs=1,
                           extra_files={"accelerate_cpu_ddp_2proc_node0.yaml"})

@@ -40,6 +40,7 @@ from launch.configcmd import (
     default_config_name,
     write_named_config,
 )
+from tests.helpers import communicate_all
 from trainer.config import RunConfig, worker_fields
 from trainer.errors import ConfigError
 
@@ -561,13 +562,7 @@ def test_two_machines_on_loopback_form_a_world_of_two(tmp_path):
         procs.append(subprocess.Popen(argv, env=_probe_env() | launch_env(config, cpu=True),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
-    try:
-        outputs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:  # a hung rendezvous must not outlive the test
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    outputs = [out for out, _ in communicate_all(procs, 120)]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-1500:] + outputs[1][-1500:]
     records = _records(out)
     assert [r["rank"] for r in records] == [0, 1]

@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -45,6 +44,7 @@ from torch import nn
 from trainer.config import RunConfig
 from trainer.errors import ConfigError
 from trainer.models import ResNet50, batchnorms
+from trainer.profiling import Timer
 
 LOADERS = ("torch", "gpu")
 DEFAULT_RATIO = 0.9
@@ -97,32 +97,6 @@ def bench_models(checkpoint: str | None = None, ratio: float | None = None,
 
 
 # ---------------------------------------------------------------- timing
-
-
-class Timer:
-    """Seconds of the ``with`` body: CUDA events between synchronisations, else perf_counter."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.seconds = 0.0
-
-    def __enter__(self):  # -> Timer
-        if self.cuda:
-            torch.cuda.synchronize()
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._end = torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        else:
-            self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.cuda:
-            self._end.record()
-            torch.cuda.synchronize()
-            self.seconds = self._start.elapsed_time(self._end) / 1000.0  # ms -> s
-        else:
-            self.seconds = time.perf_counter() - self._t0
 
 
 @dataclass

@@ -42,6 +42,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of ``t`` over ranks (in place, returned); a no-op in one process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True if ``flag`` is set on any rank (a collective: every rank must call it)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)

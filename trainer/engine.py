@@ -129,8 +129,7 @@ def _check(losses: list[torch.Tensor], epoch: int, first_step: int, device) -> N
                           -float(local_bad) if local_bad >= 0 else never,
                           -float(dist.rank()) if local_bad >= 0 else never],
                          device=device, dtype=torch.float64)
-    if torch.distributed.is_initialized() and dist.world_size() > 1:
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    dist.all_reduce_max(flags)
     if flags[0] > 0:
         step, rank = int(-flags[2].item()) + 1, int(-flags[3].item())
         where = f" on rank {rank}" if dist.world_size() > 1 else ""

@@ -96,19 +96,36 @@ def profile_checkpoint(path: str | os.PathLike, input_size: int = 32) -> dict[st
     return out
 
 
+class Timer:
+    """Seconds of the ``with`` body: CUDA events between synchronisations, else perf_counter."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds = device, 0.0
+
+    def __enter__(self) -> Timer:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self._end.record()
+            torch.cuda.synchronize(self.device)
+            self.seconds = self._start.elapsed_time(self._end) / 1000.0  # ms -> s
+        else:
+            self.seconds = time.perf_counter() - self._t0
+
+
 def _time_once(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
-    """Milliseconds of one forward pass; CUDA timing uses events after a synchronize."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
+    """Milliseconds of one forward pass."""
+    with Timer(device) as t:
         model(x)
-        end.record()
-        torch.cuda.synchronize(device)
-        return float(start.elapsed_time(end))
-    t0 = time.perf_counter()
-    model(x)
-    return (time.perf_counter() - t0) * 1000.0
+    return t.seconds * 1000.0
 
 
 def measure_latency(model: nn.Module, device: str | torch.device, input_size: int = 32,

@@ -61,12 +61,10 @@ def validate(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message + "; see --help")
-    ratios = list(cfg.ratios) if cfg.command == "pipeline" else []
-    if cfg.command == "prune":
-        ratios.append(cfg.ratio)
     if cfg.command == "prune" and cfg.ratio is None:
         raise ConfigError("prune needs --ratio R with 0 < R < 1 (the fraction of channels to "
                           "remove), e.g. --ratio 0.5")
+    ratios = {"pipeline": list(cfg.ratios), "prune": [cfg.ratio]}.get(cfg.command, [])
     for r in ratios:
         if not 0 < r < 1:
             raise ConfigError(f"--ratio {r} is outside (0, 1); give the fraction of channels "
