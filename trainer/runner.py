@@ -416,10 +416,23 @@ def run_worker(cfg: RunConfig) -> int:
         return stop.exit_code
     finally:
         STOP.restore()
-        # Ends trackers and destroys the process group: gloo ranks that exit with the
-        # group alive sometimes abort (SIGABRT) after finishing their work.
-        accelerator.end_training()
+        end_run(accelerator)
     return 0
+
+
+def end_run(accelerator) -> None:
+    """Finish the trackers; in one process, also Accelerate's end of training.
+
+    A rank of a multi-process job keeps its process group and leaves through
+    ``os._exit`` (``trainer.__main__.leave``), which frees it with the process. Destroying a
+    gloo group deadlocked on torch 2.4 (seen here: the main thread, holding the GIL, joins a
+    gloo thread that waits for the GIL to free a finished all-gather's tensors).
+    """
+    if dist.world_size() > 1:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    else:
+        accelerator.end_training()
 
 
 def params_of(ckpt: dict) -> int:
