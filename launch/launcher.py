@@ -336,7 +336,8 @@ def _run_forwarding_signals(argv: list[str], env: dict[str, str]) -> tuple[int, 
     sigs = (signal.SIGINT, signal.SIGTERM)
     old = {s: signal.signal(s, forward) for s in sigs} if main else {}
     try:
-        state["proc"] = proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        state["proc"] = proc = subprocess.Popen(argv, env=env, start_new_session=True,
+                                                preexec_fn=_end_with_launcher())
         if state["signum"] is not None:  # arrived while starting
             _killpg(proc.pid, state["signum"])
         code = proc.wait()
@@ -346,6 +347,28 @@ def _run_forwarding_signals(argv: list[str], env: dict[str, str]) -> tuple[int, 
         for s, handler in old.items():
             signal.signal(s, handler)
     return (128 - code if code < 0 else code), state["signum"]
+
+
+def _end_with_launcher():
+    """A ``preexec_fn`` that has Linux send SIGTERM to the job when the launcher dies.
+
+    The job runs in its own session, so without it a launcher killed by SIGKILL (or the
+    out-of-memory killer) would leave every rank training, detached. SIGTERM lets the ranks
+    stop at a step boundary like a forwarded one. None (no hook) where there is no prctl.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    launcher = os.getpid()
+
+    def hook() -> None:
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+        if os.getppid() != launcher:  # the launcher died before the hook ran
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
 
 
 def _killpg(pgid: int, signum: int) -> None:

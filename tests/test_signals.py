@@ -112,6 +112,29 @@ def test_sigterm_to_the_launcher_stops_every_rank_cleanly(folder):
     _assert_epoch_one_kept(out)
 
 
+@pytest.mark.slow  # ~20 s
+def test_a_sigkilled_launcher_takes_its_job_down(folder):
+    """The job runs in its own session; killing the launcher outright (SIGKILL, the OOM killer)
+    must not leave ranks training detached: they get SIGTERM and stop at a step boundary."""
+    log = folder / "log.txt"
+    proc = start(finetune_args(*DDP, epochs=5), folder, env(SLIMTUNE_TEST_STEP_SLEEP="0.3"),
+                 log=log)
+    out = folder / "out"
+    try:
+        wait_for(lambda: (out / "x.last.pth").exists(), 180, "the end of epoch 1")
+        ranks = rank_pids(proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sorted(ranks) == [0, 1]
+    wait_for(lambda: not any(_alive(pid) for pid in ranks.values()), STOP_BOUND_S,
+             "the ranks to stop after the launcher died")
+    assert "stopped by SIGTERM in epoch" in log.read_text()
+    state = safe_torch_load(out / "x.last.pth")
+    assert 1 <= state["epoch"] < 5 and not state["finished"]
+    assert not list(out.glob(".*.tmp"))
+
+
 @pytest.mark.slow  # ~25 s
 def test_a_sigkilled_rank_ends_the_job_quickly_and_is_named_last(folder):
     proc = start(finetune_args(*DDP), folder, env(SLIMTUNE_TEST_STEP_SLEEP="0.2"))
