@@ -317,3 +317,14 @@ def test_finetune_history_csv_plot_and_determinism(tmp_path, fake_cifar10, monke
     # the lab's file name -> the lab's figure name
     assert_png(tmp_path / "plots" / "finetuning_results.png")
     assert histories[0] == histories[1]
+
+
+def test_split_first_step_separates_the_compile_cost():
+    from trainer.progress import split_first_step
+
+    # 10 steps of 100 images at 0.5 s each, the first one 30.5 s (30 s compiling)
+    excess, rate = split_first_step(30.5, 100, 30.5 + 9 * 0.5, 1000)
+    assert excess == pytest.approx(30.0)
+    assert rate == pytest.approx(200.0)
+    assert split_first_step(3.0, 100, 3.0, 100) == (3.0, pytest.approx(100 / 3))  # one step
+    assert split_first_step(0.1, 100, 1.0, 1000)[0] == 0.0  # a fast first step: no excess

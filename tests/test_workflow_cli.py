@@ -4,6 +4,7 @@ synthetic data, and the basic bad inputs of train / prune / finetune (one line, 
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,23 @@ def test_pipeline_with_two_processes(tmp_path):
     assert pruned["prune"]["acc_before"] == sparse["best_acc"]  # pruned the final best weights
     tuned = load_checkpoint(ck / "model_prune_50_finetune.pth")
     assert tuned["config"]["batch_size"] == 16 and tuned["cfg"] == pruned["cfg"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                    reason="torch.compile on CPU (inductor) needs a C++ compiler")
+def test_finetune_compile(tmp_path):
+    """--compile really compiles (inductor on CPU), reports the compile time on its own line
+    once, and saves a checkpoint without torch.compile's ``_orig_mod.`` key prefix."""
+    src = make_small_checkpoint(tmp_path / "s.pth", width=2)
+    r = run_cli("finetune", "--checkpoint", src, "--compile", "--epochs", "2",
+                "--dataset", "synthetic", "--synthetic-train", "60", "--synthetic-test", "20",
+                *FAST, cwd=tmp_path, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("torch.compile: ")]
+    assert len(lines) == 1 and "first step of epoch 1" in lines[0], r.stdout
+    assert float(lines[0].split()[1]) >= 0
+    tuned = safe_torch_load(tmp_path / "s_finetune.pth")
+    assert tuned["config"]["compile"] is True
+    assert not [k for k in tuned["state_dict"] if "_orig_mod" in k or "module." in k]
+    load_checkpoint(tmp_path / "s_finetune.pth")  # rebuilds and loads strictly

@@ -81,7 +81,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                    "matmul and conv.")),
     "channels_last": (bool, "channels_last memory format on CUDA."),
     "cudnn_benchmark": (bool, "cudnn.benchmark autotuning on CUDA."),
-    "compile": (bool, "torch.compile the model (first epoch includes compile time)."),
+    "compile": (bool, ("torch.compile the model (the compile time, spent in the first "
+                         "step, gets its own line and is left out of img/s).")),
     "log_with": (str | None, "Accelerate tracker, e.g. tensorboard (must be installed; "
                              "default: none)."),
     "dist_timeout": (int, "Seconds a collective may wait before the job fails (no hangs)."),

@@ -92,11 +92,12 @@ def fit(model: nn.Module, optimizer, *, accelerator, cfg: RunConfig, train_loade
             say(f"resuming {output.name} at epoch {state.next_epoch + 1}/{cfg.epochs}")
     steps = len(train_loader)
     bar = EpochProgress(title, cfg.epochs, steps, accelerator.num_processes, state.next_epoch)
+    first = state.next_epoch
     try:
-        for epoch in range(state.next_epoch, cfg.epochs):
+        for epoch in range(first, cfg.epochs):
             _run_epoch(model, optimizer, epoch, state, bar, accelerator=accelerator, cfg=cfg,
                        train_loader=train_loader, test_loader=test_loader, paths=paths,
-                       extra=extra)
+                       extra=extra, compiling=cfg.compile and epoch == first)
     except StopRequested as stop:
         stop.resumable = paths["last"].exists()
         raise
@@ -112,7 +113,8 @@ def fit(model: nn.Module, optimizer, *, accelerator, cfg: RunConfig, train_loade
 
 
 def _run_epoch(model, optimizer, epoch: int, state: FitState, bar: EpochProgress, *,
-               accelerator, cfg: RunConfig, train_loader, test_loader, paths, extra) -> None:
+               accelerator, cfg: RunConfig, train_loader, test_loader, paths, extra,
+               compiling: bool = False) -> None:
     # Data order and augmentation are pure functions of (seed, epoch, rank) (trainer.data);
     # reseeding the global RNG per epoch makes anything else that draws from it (dropout, a
     # random transform) one too. A run resumed at an epoch boundary therefore draws the same
@@ -123,6 +125,9 @@ def _run_epoch(model, optimizer, epoch: int, state: FitState, bar: EpochProgress
     tm = train_one_epoch(model, train_loader, optimizer, accelerator=accelerator, cfg=cfg,
                          epoch=epoch, on_step=bar.step)
     rate = bar.images_per_s()
+    compile_s = None
+    if compiling:  # this process's first epoch compiles in its first step: report apart
+        compile_s, rate = bar.split_first_step()
     sync_buffers(model)
     em = evaluate(eval_view(model), test_loader, accelerator)
     steps = len(train_loader)
@@ -149,13 +154,19 @@ def _run_epoch(model, optimizer, epoch: int, state: FitState, bar: EpochProgress
             "finished": state.next_epoch >= cfg.epochs}, paths["last"])
         write_csv(paths["csv"], state.history, append_last=True)
         mark = " *best*" if improved else ""
+        if compile_s is not None:
+            say(f"torch.compile: {compile_s:.1f} s in the first step of epoch {epoch + 1} "
+                "(left out of its img/s)")
         bar.end_epoch(
             f"epoch {epoch + 1}/{cfg.epochs}  lr {row['lr']:.2e}  "
             f"train loss {tm['train_loss']:.4f} acc {tm['train_acc']:.2f}%  "
             f"test loss {em['loss']:.4f} acc {em['accuracy']:.2f}%  "
             f"{rate:,.0f} img/s{mark}")
     if cfg.log_with:
-        accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        logged = {k: v for k, v in row.items() if k != "epoch"}
+        if compile_s is not None:
+            logged["compile_s"] = compile_s
+        accelerator.log(logged, step=epoch + 1)
 
 
 def _copy(history: dict[str, list]) -> dict[str, list]:

@@ -26,6 +26,18 @@ def say(*objects, **kwargs) -> None:
         console.print(*objects, **kwargs)
 
 
+def split_first_step(first_s: float, first_images: int, total_s: float,
+                     total_images: int) -> tuple[float, float]:
+    """Split an epoch's time into the first step's excess over a typical step and the
+    images/s of the other steps. One step only: all of it is excess, images/s of that step.
+    """
+    rest_s, rest_images = total_s - first_s, total_images - first_images
+    if rest_images <= 0 or rest_s <= 0:
+        return first_s, first_images / max(first_s, 1e-9)
+    per_image = rest_s / rest_images
+    return max(first_s - first_images * per_image, 0.0), rest_images / rest_s
+
+
 class EpochProgress:
     """Bars for a run of ``epochs`` epochs of ``steps`` batches; silent on other ranks."""
 
@@ -45,9 +57,11 @@ class EpochProgress:
             self._progress.start()
         self._t0 = time.perf_counter()
         self._seen, self._running = 0, ""
+        self._first = (0.0, 0)  # (seconds, images) of the epoch's first step
 
     def start_epoch(self, epoch: int) -> None:
         self._t0, self._seen, self._running = time.perf_counter(), 0, ""
+        self._first = (0.0, 0)
         if self._progress:
             self._progress.reset(self._batches, total=self.steps,
                                  description=f"epoch {epoch + 1}", info="")
@@ -56,6 +70,8 @@ class EpochProgress:
              running: tuple[float, float] | None = None) -> None:
         """After each step; ``running`` = (loss, accuracy %) of the main rank's epoch so far."""
         self._seen += n * self.world  # every rank runs a batch of n per step
+        if step == 1:  # host time: it holds all of torch.compile's work, which is host-side
+            self._first = (time.perf_counter() - self._t0, self._seen)
         if running is not None:
             self._running = f"loss {running[0]:.4f} acc {running[1]:.2f}%  "
         if self._progress:
@@ -65,6 +81,15 @@ class EpochProgress:
 
     def images_per_s(self) -> float:
         return self._seen / max(time.perf_counter() - self._t0, 1e-9)
+
+    def split_first_step(self) -> tuple[float, float]:
+        """(seconds the first step took beyond a typical step, images/s without it).
+
+        For a compiled model the first step compiles forward and backward; this separates
+        that one-off cost from the epoch's throughput.
+        """
+        return split_first_step(self._first[0], self._first[1],
+                                time.perf_counter() - self._t0, self._seen)
 
     def end_epoch(self, line: str) -> None:
         if self._progress:
