@@ -177,7 +177,8 @@ def run_ddp(args, n: int, batch: int, timeout: float) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={n}", str(Path(__file__).resolve()), str(result),
                "--ddp-worker", "--batch-sizes", str(batch), "--steps", str(args.steps),
-               "--repeats", str(args.repeats)]
+               "--repeats", str(args.repeats), "--num-workers", str(args.num_workers),
+               *(["--cpu"] if args.cpu else [])]  # --cpu: gloo ranks, for the CPU test
         env = dict(os.environ, OMP_NUM_THREADS="4")
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,

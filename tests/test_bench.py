@@ -61,6 +61,21 @@ def test_gpu_bench_quick_on_cpu(tmp_path: Path) -> None:
     assert "skipped" in d["multi_gpu"]
 
 
+@pytest.mark.slow
+def test_gpu_bench_ddp_part_on_cpu(tmp_path: Path) -> None:
+    """The multi-GPU section's DDP half (torchrun + --ddp-worker), as two gloo ranks."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "bench" / "gpu_bench.py")
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    args = gpu_bench.parse_args([str(tmp_path / "res.json"), "--cpu", "--steps", "1",
+                                 "--repeats", "2", "--num-workers", "0"])
+    res = gpu_bench.run_ddp(args, 2, 8, timeout=240)
+    assert res.get("processes") == 2 and res["global_batch"] == 8, res
+    assert len(res["runs_img_s"]) == 2 and res["img_s"] > 0
+
+
 def test_bench_checkpoint_models(tmp_path: Path) -> None:
     ckpt = make_small_checkpoint(tmp_path / "small.pth", width=4)
     pruned, unpruned, info = bench.bench_models(checkpoint=str(ckpt))

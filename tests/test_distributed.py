@@ -113,14 +113,16 @@ def free_port() -> int:
 # ------------------------------------------------------------------ real 2-process runs
 
 
-@pytest.mark.slow  # ~15-30 s on a busy 2-core machine
-def test_launcher_gpus2_cpu_finetunes_with_two_processes(inputs, tmp_path):
+@pytest.mark.slow  # ~15-30 s each on a busy 2-core machine
+@pytest.mark.parametrize("loader", ["torch", "gpu"])  # gpu: the CUDA default, on CPU tensors
+def test_launcher_gpus2_cpu_finetunes_with_two_processes(inputs, tmp_path, loader):
     out = tmp_path / "out"
-    result = run_cli(*finetune_args(inputs, out, epochs=2), "--gpus", "2", cwd=tmp_path,
-                     timeout=TIMEOUT)
+    result = run_cli(*finetune_args(inputs, out, epochs=2), "--gpus", "2", "--loader", loader,
+                     cwd=tmp_path, timeout=TIMEOUT)
     ok(result)
     yaml_name = "accelerate_cpu_ddp_2proc.yaml"  # the config it used, kept beside the output
-    check_finetune_output(out, inputs.data, epochs=2, extra_files={yaml_name})
+    ckpt = check_finetune_output(out, inputs.data, epochs=2, extra_files={yaml_name})
+    assert ckpt["config"]["loader"] == loader
     used = load_accelerate_config(out / yaml_name)
     assert used.num_processes == 2 and used.use_cpu
     assert used.distributed_type.value == "MULTI_GPU"  # MULTI_CPU would start ONE process
@@ -188,9 +190,11 @@ def test_two_process_evaluate_counts_every_test_image_exactly_once(inputs, tmp_p
     truth = expected_metrics(inputs.ckpt, inputs.data)
     assert truth["total"] == N_TEST and 0 < truth["correct"] < N_TEST
     # 1 process; 2 processes of 10 (last batches 10 + 1, padded); 2 processes of 1 image per
-    # batch (rank 1's 16th batch is pure padding).
+    # batch (rank 1's 16th batch is pure padding); 2 processes with the gpu loader's exact,
+    # unpadded slices (15 + 16 images).
     results = evaluate_json(inputs, tmp_path, [[], ["--gpus", "2"],
-                                               ["--gpus", "2", "--batch-size", "2"]])
+                                               ["--gpus", "2", "--batch-size", "2"],
+                                               ["--gpus", "2", "--loader", "gpu"]])
     for got in results:
         assert (got["correct"], got["total"]) == (truth["correct"], N_TEST), got
         assert got["accuracy"] == truth["accuracy"]
