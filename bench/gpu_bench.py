@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402 -- after the sys.path line
 
 from trainer import bench  # noqa: E402
+from trainer.files import atomic_write_text  # noqa: E402
 
 EPOCH_IMAGES, TEST_IMAGES, RECIPE_BATCH = 50_000, 10_000, 100
 
@@ -70,12 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def write_json(path: str, data: dict[str, Any]) -> None:
     """Atomic: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def options(args: argparse.Namespace, batch: int, **changes: Any) -> bench.BenchOptions:

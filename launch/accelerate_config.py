@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import yaml
 
 from trainer.config import RunConfig, worker_fields
 from trainer.errors import ConfigError
+from trainer.files import atomic_write_text
 
 MODES = ("ddp", "dp")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
@@ -151,15 +151,7 @@ def write_config(config: dict, path: str | os.PathLike, header: str | None = Non
     text = dump_yaml(config)
     if header:
         text = "".join(f"# {line}\n" for line in header.splitlines()) + text
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 def build_launch_argv(config_path: str | os.PathLike, command: str, worker_args: list[str], *,

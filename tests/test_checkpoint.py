@@ -345,13 +345,3 @@ def test_a_resume_state_loads_as_its_last_epochs_model(tmp_path):
     ckpt = load_checkpoint(tmp_path / "x.last.pth")
     assert ckpt["cfg"] == model.cfg and ckpt["history"] == history
     assert "best_acc" not in ckpt  # the best weights are in x.pth, not here
-
-
-def test_checkpoints_get_the_usual_file_mode(tmp_path):
-    """Written through mkstemp (0600), but shared like any file the user creates (umask)."""
-    old = os.umask(0o027)
-    try:
-        atomic_torch_save({"x": 1}, tmp_path / "a.pth")
-    finally:
-        os.umask(old)
-    assert (tmp_path / "a.pth").stat().st_mode & 0o777 == 0o640

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import tempfile
 import time
 import zipfile
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from trainer.errors import CheckpointError
+from trainer.files import atomic_path
 from trainer.models import ARCH, ResNet50, bn_names, effective_cfg, unwrap_model, validate_cfg
 
 FORMAT_VERSION = 1
@@ -64,30 +64,14 @@ def make_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """Write ``obj`` to a temp file in the same folder, fsync, then ``os.replace``.
+    """``torch.save`` to a temp file in the same folder, then ``os.replace`` (trainer.files).
 
     A crash leaves either the old file or the new one, never a truncated file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            _test_kill_in_save(path, fh)
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is a normal file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it; put it back at once
-    os.umask(mask)
-    return mask
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        _test_kill_in_save(Path(path), fh)
 
 
 _SAVES: dict[str, int] = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from trainer.files import atomic_path
+
 DPI = 150
 TRAIN_COLOR, TEST_COLOR = "#1f77b4", "#d62728"
 BASE_COLOR, OTHER_COLORS = "#7f7f7f", ("#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
@@ -32,20 +33,13 @@ MAX_LR_LINES = 6
 
 def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
     """Tight-layout ``fig``, write it atomically as PNG to ``path``, close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
         fig.tight_layout()
-        fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI)
     finally:
         plt.close(fig)
-    return path
+    return Path(path)
 
 
 def _series(history: Mapping[str, Any], key: str, n: int) -> list[float] | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from trainer.errors import UserError
+from trainer.files import atomic_write_text
 from trainer.profiling import check_input_size, measure_latency, profile_checkpoint
 
 DEFAULT_COMPARE_OUTPUT = "plots/comparison.png"
@@ -150,20 +150,6 @@ def _pipeline_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return _md_table(headers, body)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(workdir: Path, *, title: str, rows: list[dict],
                  figures: list[tuple[str, Path]], pipeline_rows: list[dict] | None = None,
                  settings: dict | None = None) -> Path:
@@ -191,7 +177,7 @@ def write_report(workdir: Path, *, title: str, rows: list[dict],
             rel = Path(os.path.relpath(Path(fig).resolve(), workdir.resolve())).as_posix()
             lines += [f"![{caption}]({rel})", "", f"*{caption}*", ""]
     path = workdir / "report.md"
-    _atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
+    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
 
 
