@@ -21,6 +21,7 @@ from trainer import dist
 from trainer.checkpoint import HISTORY_KEYS
 from trainer.config import RunConfig
 from trainer.errors import StopRequested, TrainingError
+from trainer.files import atomic_path
 from trainer.models import unwrap_model
 
 # ---------------------------------------------------------------- LR schedule
@@ -279,12 +280,10 @@ def write_csv(path: Path, history: dict[str, list], append_last: bool) -> None:
             csv.writer(fh).writerow([history[k][-1] for k in HISTORY_KEYS])
             fh.flush()
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(HISTORY_KEYS)
         writer.writerows(rows)
-    tmp.replace(path)
 
 
 def empty_history() -> dict[str, list]:

@@ -73,7 +73,7 @@ def _clean_stale_temps(paths: dict[str, Path]) -> None:
 
     Only this run's own names: another job writing into the same folder keeps its temp files.
     """
-    for key in ("best", "last"):
+    for key in ("best", "last", "csv"):
         for tmp in paths[key].parent.glob(f".{paths[key].name}.*.tmp"):
             tmp.unlink(missing_ok=True)
 
