@@ -8,6 +8,7 @@ run option is declared once in ``OPTIONS``; its option name is the RunConfig fie
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import sys
@@ -16,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from trainer import dist
@@ -24,6 +24,28 @@ from trainer.config import RunConfig
 from trainer.errors import UserError
 
 Dispatch = Callable[[RunConfig], int]
+
+
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(Exit, usage error, Abort) classes that parsing a command line may raise.
+
+    typer >= 0.26 raises from its own copy of click (``typer._click``, with ``typer.Exit`` and
+    ``typer.Abort``), older typer from ``click`` itself; each may be absent, so every one
+    found is caught.
+    """
+    exits, usage, aborts = [typer.Exit], [], [typer.Abort]
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(mod.ClickException)
+        exits += [c for c in (getattr(mod, "Exit", None),) if c is not None]
+        aborts += [c for c in (getattr(mod, "Abort", None),) if c is not None]
+    return tuple(exits), tuple(usage), tuple(aborts)
+
+
+_EXIT, _USAGE, _ABORT = _click_exceptions()
 
 # field -> (type, help). Defaults come from RunConfig unless a command overrides them.
 OPTIONS: dict[str, tuple[Any, str]] = {
@@ -261,11 +283,11 @@ def run_app(app: typer.Typer, argv: list[str] | None = None, prog: str = "slimtu
     try:
         rv = app(args=argv, prog_name=prog, standalone_mode=False)
         return rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as exc:
+    except _EXIT as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except _USAGE as exc:
         message, code = f"{exc.format_message()} (see --help)", exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (*_ABORT, KeyboardInterrupt):
         return 130
     except UserError as exc:
         message, code = str(exc), exc.exit_code
