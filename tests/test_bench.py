@@ -106,6 +106,7 @@ def test_bench_bad_options(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bench_on_cuda(tmp_path: Path) -> None:
     proc = run_cli("bench", "--steps", "5", "--repeats", "3", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
