@@ -170,7 +170,7 @@ ROWS = [
     Row("epochs-zero", "--epochs 0", _set(FINETUNE, "--epochs", "0"),
         r"--epochs 0: need at least 1"),
     Row("lr-negative", "a negative learning rate", _set(FINETUNE, "--lr", "-0.1"),
-        r"--lr -0\.1: the learning rate must be positive"),
+        r"--lr -0\.1: the learning rate must be a positive number"),
     Row("batch-indivisible", "the batch does not split over the processes",
         [*_set(FINETUNE, "--batch-size", "15"), "--gpus", "2"],
         r"--batch-size 15 does not split evenly over 2 processes"),

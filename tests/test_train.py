@@ -328,3 +328,42 @@ def test_split_first_step_separates_the_compile_cost():
     assert rate == pytest.approx(200.0)
     assert split_first_step(3.0, 100, 3.0, 100) == (3.0, pytest.approx(100 / 3))  # one step
     assert split_first_step(0.1, 100, 1.0, 1000)[0] == 0.0  # a fast first step: no excess
+
+
+def test_weights_that_diverge_in_the_last_step_stop_the_run_at_the_evaluation(
+        tmp_path, fake_cifar10, monkeypatch):
+    """The loss check sees each step's loss before its update; an update that breaks the
+    weights shows first in the evaluation. Epoch 2's NaN test loss stops the run there and
+    epoch 1's best checkpoint and resume state stay."""
+    from trainer.errors import TrainingError
+
+    monkeypatch.chdir(tmp_path)
+    src = make_small_checkpoint(tmp_path / "s.pth", width=2)
+    real_evaluate = fit.evaluate
+    calls = iter(range(1, 10))
+
+    def diverged_in_epoch_2(*args, **kwargs):
+        metrics = dict(real_evaluate(*args, **kwargs))
+        if next(calls) == 2:
+            metrics["loss"] = math.nan
+        return metrics
+
+    monkeypatch.setattr(fit, "evaluate", diverged_in_epoch_2)
+    out = tmp_path / "o" / "x.pth"
+    with pytest.raises(TrainingError, match="test loss became non-finite after epoch 2"):
+        runner.run_worker(finetune_cfg(fake_cifar10, src, epochs=3, output=str(out)))
+    assert load_checkpoint(out)["best_epoch"] == 1
+    assert safe_torch_load(out.with_name("x.last.pth"))["epoch"] == 1
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("lr", math.inf, "--lr inf"), ("lr", math.nan, "--lr nan"),
+    ("sparsity", math.inf, "--sparsity inf"), ("weight_decay", math.nan, "--weight-decay nan"),
+    ("momentum", 1.0, r"--momentum 1\.0: must be in \[0, 1\)"),
+    ("seed", -1, "--seed -1"), ("dist_timeout", 0, "--dist-timeout 0"),
+])
+def test_validate_refuses_settings_that_cannot_train(field, value, needle):
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        runner.validate(RunConfig(command="finetune", checkpoint="x.pth", **{field: value}))

@@ -24,7 +24,7 @@ from trainer.engine import (
     train_one_epoch,
     write_csv,
 )
-from trainer.errors import ConfigError, StopRequested
+from trainer.errors import ConfigError, StopRequested, TrainingError
 from trainer.gpu_loader import derive_seed
 from trainer.models import unwrap_model
 from trainer.progress import EpochProgress, say
@@ -130,6 +130,11 @@ def _run_epoch(model, optimizer, epoch: int, state: FitState, bar: EpochProgress
         compile_s, rate = bar.split_first_step()
     sync_buffers(model)
     em = evaluate(eval_view(model), test_loader, accelerator)
+    if not math.isfinite(em["loss"]):  # the same on every rank: all of them stop here
+        raise TrainingError(
+            f"the test loss became non-finite after epoch {epoch + 1} (the weights diverged in "
+            "its last steps); lower --lr or add --warmup-epochs (the best checkpoint already "
+            "written is intact)")
     steps = len(train_loader)
     row = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch, steps - 1, steps),
            "train_loss": tm["train_loss"], "train_acc": tm["train_acc"],

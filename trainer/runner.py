@@ -7,6 +7,7 @@ torchrun) and the CLI's in-process mode both call.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -39,7 +40,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.dataset in DATASETS, (f"--dataset {cfg.dataset!r} is unknown; use one of "
                                   f"{', '.join(DATASETS)}")),
         (cfg.epochs >= 1, f"--epochs {cfg.epochs}: need at least 1 epoch"),
-        (cfg.lr > 0, f"--lr {cfg.lr}: the learning rate must be positive"),
+        (math.isfinite(cfg.lr) and cfg.lr > 0,
+         f"--lr {cfg.lr}: the learning rate must be a positive number"),
         (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: need at least 1"),
         (cfg.finetune_batch_size >= 1,
          f"--finetune-batch-size {cfg.finetune_batch_size}: need at least 1"),
@@ -49,9 +51,16 @@ def validate(cfg: RunConfig) -> None:
          f"--mixed-precision {cfg.mixed_precision!r}: use no, bf16 or fp16"),
         (cfg.loader in ("auto", "torch", "gpu"),
          f"--loader {cfg.loader!r}: use auto, torch or gpu"),
-        (cfg.sparsity >= 0, f"--sparsity {cfg.sparsity}: must be 0 or positive"),
-        (cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: must be 0 or positive"),
-        (cfg.warmup_epochs >= 0, f"--warmup-epochs {cfg.warmup_epochs}: must be 0 or positive"),
+        (math.isfinite(cfg.sparsity) and cfg.sparsity >= 0,
+         f"--sparsity {cfg.sparsity}: must be 0 or positive"),
+        (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
+         f"--weight-decay {cfg.weight_decay}: must be 0 or positive"),
+        (math.isfinite(cfg.warmup_epochs) and cfg.warmup_epochs >= 0,
+         f"--warmup-epochs {cfg.warmup_epochs}: must be 0 or positive"),
+        (math.isfinite(cfg.momentum) and 0 <= cfg.momentum < 1,
+         f"--momentum {cfg.momentum}: must be in [0, 1), e.g. 0.9"),
+        (cfg.seed >= 0, f"--seed {cfg.seed}: must be 0 or more"),
+        (cfg.dist_timeout >= 1, f"--dist-timeout {cfg.dist_timeout}: need at least 1 second"),
         (cfg.min_channels >= 0, f"--min-channels {cfg.min_channels}: must be 0 or more"),
         (cfg.num_workers >= 0, f"--num-workers {cfg.num_workers}: must be 0 or more"),
         (cfg.limit_batches is None or cfg.limit_batches >= 1,
