@@ -113,6 +113,25 @@ def test_sigterm_to_the_launcher_stops_every_rank_cleanly(folder):
 
 
 @pytest.mark.slow  # ~20 s
+def test_sigterm_to_the_launcher_with_loader_workers(folder):
+    """The launcher passes SIGTERM to the job's whole group, DataLoader workers included:
+    they end at once, and each rank must still stop as asked (before: "rank 0 failed:
+    RuntimeError: DataLoader worker ... is killed by signal: Terminated", exit 1)."""
+    proc = start(finetune_args(*DDP, "--num-workers", "2", epochs=5), folder,
+                 env(SLIMTUNE_TEST_STEP_SLEEP="0.3"))
+    out = folder / "out"
+    try:
+        wait_for(lambda: (out / "x.last.pth").exists(), 180, "the end of epoch 1")
+        time.sleep(0.5)  # into epoch 2, workers alive and prefetching
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    output, took = _finish(proc, STOP_BOUND_S)
+    assert proc.returncode == 143, output[-3000:]
+    assert "stopped by SIGTERM in epoch 2" in output and "failed" not in output, output[-3000:]
+    _assert_epoch_one_kept(out)
+
+
+@pytest.mark.slow  # ~20 s
 def test_a_sigkilled_launcher_takes_its_job_down(folder):
     """The job runs in its own session; killing the launcher outright (SIGKILL, the OOM killer)
     must not leave ranks training detached: they get SIGTERM and stop at a step boundary."""
@@ -177,21 +196,22 @@ def test_nan_in_one_process_is_one_line_and_writes_nothing(folder):
     assert not (folder / "out" / "x.pth").exists()
 
 
-@pytest.mark.slow  # ~15 s
-def test_ctrl_c_to_the_process_group_with_loader_workers(folder):
-    """Ctrl-C reaches every process of the foreground group, DataLoader workers included: they
-    must keep serving until the main process stops at its next step boundary."""
+@pytest.mark.slow  # ~15 s each
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_process_group_with_loader_workers(folder, sig):
+    """Ctrl-C (SIGINT), or a scheduler's / ``timeout``'s SIGTERM, reaches every process of the
+    group, DataLoader workers included: the run still stops as asked, with no traceback."""
     proc = start(finetune_args("--num-workers", "2"), folder,
                  env(SLIMTUNE_TEST_STEP_SLEEP="0.3"))
     out = folder / "out"
     try:
         wait_for(lambda: (out / "x.last.pth").exists(), 180, "the end of epoch 1")
         time.sleep(0.8)  # into epoch 2, workers alive and prefetching
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, sig)
     except BaseException:
         proc.kill()
         raise
     output, took = _finish(proc, STOP_BOUND_S)
-    assert proc.returncode == 130, output[-3000:]
-    assert "stopped by SIGINT in epoch 2" in output and "Traceback" not in output
+    assert proc.returncode == 128 + sig, output[-3000:]
+    assert f"stopped by {sig.name} in epoch 2" in output and "Traceback" not in output
     _assert_epoch_one_kept(out)

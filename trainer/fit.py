@@ -4,6 +4,7 @@ curves. All file writes happen on the main process; every rank runs every collec
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from trainer import dist
 from trainer.checkpoint import atomic_torch_save, make_checkpoint, safe_torch_load, save_checkpoint
 from trainer.config import RESULT_FIELDS, RunConfig
 from trainer.engine import (
+    STOP,
     empty_history,
     eval_view,
     evaluate,
@@ -92,7 +94,7 @@ def fit(model: nn.Module, optimizer, *, accelerator, cfg: RunConfig, train_loade
             say(f"resuming {output.name} at epoch {state.next_epoch + 1}/{cfg.epochs}")
     steps = len(train_loader)
     bar = EpochProgress(title, cfg.epochs, steps, accelerator.num_processes, state.next_epoch)
-    first = state.next_epoch
+    first = epoch = state.next_epoch
     try:
         for epoch in range(first, cfg.epochs):
             _run_epoch(model, optimizer, epoch, state, bar, accelerator=accelerator, cfg=cfg,
@@ -101,6 +103,16 @@ def fit(model: nn.Module, optimizer, *, accelerator, cfg: RunConfig, train_loade
     except StopRequested as stop:
         stop.resumable = paths["last"].exists()
         raise
+    except Exception as exc:
+        if STOP.signum is None:
+            raise
+        # A signal sent to the whole process group (a scheduler's SIGTERM, `timeout`) also
+        # ends the DataLoader workers, or a peer rank, before this rank's next check: the
+        # error that follows is the stop's doing, so it stops like one.
+        stop = StopRequested(STOP.signum, f"stopped by {signal.Signals(STOP.signum).name} "
+                                          f"in epoch {epoch + 1}")
+        stop.resumable = paths["last"].exists()
+        raise stop from exc
     finally:
         bar.close()
     if main and plot is not None and state.history["epoch"]:
