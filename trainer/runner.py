@@ -78,6 +78,8 @@ def validate(cfg: RunConfig) -> None:
         if not 0 < r < 1:
             raise ConfigError(f"--ratio {r} is outside (0, 1); give the fraction of channels "
                               "to prune, e.g. 0.5")
+    if cfg.command == "pipeline":
+        _check_pipeline_ratios(cfg.ratios)
     if cfg.command == "pipeline" and (cfg.train_epochs < 1 or cfg.finetune_epochs < 1):
         raise ConfigError("--train-epochs and --finetune-epochs need at least 1 epoch")
     out = output_path(cfg)
@@ -85,6 +87,20 @@ def validate(cfg: RunConfig) -> None:
     if out is not None and src and Path(out).resolve() == Path(src).resolve():
         raise ConfigError(f"--output {out} is the input checkpoint; choose another path "
                           "(slimtune never overwrites its source)")
+
+
+def _check_pipeline_ratios(ratios: tuple[float, ...]) -> None:
+    """At least one ratio, and no two that would write the same files."""
+    from trainer.pipeline import ratio_tag
+
+    if not ratios:
+        raise ConfigError("--ratios is empty; give the prune ratios to study, e.g. "
+                          "--ratios 0.5,0.9")
+    tags = [ratio_tag(r) for r in ratios]
+    twice = sorted({t for t in tags if tags.count(t) > 1})
+    if twice:
+        raise ConfigError(f"--ratios lists {', '.join(f'{float(t) / 100:g}' for t in twice)} "
+                          "twice; give each ratio once")
 
 
 def ensure_writable(folder: Path) -> None:
