@@ -112,7 +112,7 @@ def ensure_writable(folder: Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise ConfigError(f"cannot write to {folder} ({exc.strerror or exc}); "
-                          "choose a writable --output / --workdir") from None
+                          "choose a writable --output / --plot / --workdir") from None
 
 
 # ---------------------------------------------------------------- output naming
