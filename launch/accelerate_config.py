@@ -150,11 +150,7 @@ def write_config(config: dict, path: str | os.PathLike, header: str | None = Non
     text = dump_yaml(config)
     if header:
         text = "".join(f"# {line}\n" for line in header.splitlines()) + text
-    try:
-        return atomic_write_text(path, text)
-    except OSError as exc:
-        raise ConfigError(f"cannot write the Accelerate config {path} ({exc.strerror or exc}); "
-                          "choose a writable path") from None
+    return atomic_write_text(path, text)
 
 
 def build_launch_argv(config_path: str | os.PathLike, command: str, worker_args: list[str], *,

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from launch.accelerate_config import build_accelerate_config, parse_gpu_ids, write_config
+from trainer.errors import ConfigError
 
 CONFIG_DIR = Path("configs/accelerate")
 # build_accelerate_config's defaults, left out of the regenerate line in each file's header.
@@ -79,7 +80,11 @@ def write_named_config(settings: dict[str, Any], output: Path | None = None) -> 
     config = build_accelerate_config(**settings)
     path = output if output is not None else CONFIG_DIR / default_config_name(**settings)
     header = f"Accelerate config written by: {command_line(settings)}"
-    return write_config(config, path, header=header)
+    try:
+        return write_config(config, path, header=header)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the Accelerate config {path} "
+                          f"({exc.strerror or exc}); pick a writable --output") from None
 
 
 def write_example_configs(directory: Path = CONFIG_DIR) -> list[Path]:

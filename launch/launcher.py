@@ -38,6 +38,7 @@ from launch.accelerate_config import (
     write_config,
 )
 from trainer.config import RunConfig
+from trainer.dist import is_peer_loss
 from trainer.errors import ConfigError
 
 FAILURE_DIR_ENV = "SLIMTUNE_FAILURE_DIR"
@@ -457,14 +458,3 @@ def _silent_ranks(failures: list[tuple[int, str, int | None]], ranks: range | No
         return []
     reported = {rank for rank, _, _ in failures}
     return [r for r in ranks if r not in reported]
-
-
-# Messages of a rank whose collective failed because ANOTHER rank died (gloo / NCCL).
-_PEER_LOSS = ("connection closed by peer", "connection reset by peer", "remote worker crash",
-              "communicator was aborted", "broken pipe")
-
-
-def is_peer_loss(message: str) -> bool:
-    """True if ``message`` is a consequence of another rank's failure, not a cause."""
-    lowered = message.lower()
-    return any(p in lowered for p in _PEER_LOSS)

@@ -62,3 +62,14 @@ def broadcast_object(obj):
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return obj
+
+
+# Messages of a rank whose collective failed because ANOTHER rank died (gloo / NCCL).
+_PEER_LOSS = ("connection closed by peer", "connection reset by peer", "remote worker crash",
+              "communicator was aborted", "broken pipe")
+
+
+def is_peer_loss(message: str) -> bool:
+    """True if ``message`` is a consequence of another rank's failure, not a cause."""
+    lowered = message.lower()
+    return any(p in lowered for p in _PEER_LOSS)

@@ -104,11 +104,11 @@ def fit(model: nn.Module, optimizer, *, accelerator, cfg: RunConfig, train_loade
         stop.resumable = paths["last"].exists()
         raise
     except Exception as exc:
-        if STOP.signum is None:
-            raise
+        if STOP.signum is None or dist.is_peer_loss(str(exc)):
+            raise  # a lost peer stays a failure: the launcher names the rank that died
         # A signal sent to the whole process group (a scheduler's SIGTERM, `timeout`) also
-        # ends the DataLoader workers, or a peer rank, before this rank's next check: the
-        # error that follows is the stop's doing, so it stops like one.
+        # ends the DataLoader workers before this rank's next check: the error that follows
+        # is the stop's doing, so it stops like one.
         stop = StopRequested(STOP.signum, f"stopped by {signal.Signals(STOP.signum).name} "
                                           f"in epoch {epoch + 1}")
         stop.resumable = paths["last"].exists()
