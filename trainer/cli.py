@@ -40,8 +40,8 @@ def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type,
         except ImportError:
             continue
         usage.append(mod.ClickException)
-        exits += [c for c in (getattr(mod, "Exit", None),) if c is not None]
-        aborts += [c for c in (getattr(mod, "Abort", None),) if c is not None]
+        exits.append(getattr(mod, "Exit", typer.Exit))  # typer._click has neither
+        aborts.append(getattr(mod, "Abort", typer.Abort))
     return tuple(exits), tuple(usage), tuple(aborts)
 
 
