@@ -6,7 +6,8 @@ Fault-injection env vars the code understands (no effect unless set):
 ``SLIMTUNE_TEST_KILL_IN_SAVE=<file name>:<n>`` (trainer.checkpoint: SIGKILL during the n-th
 write of that file, half of it written), ``SLIMTUNE_TEST_SAVE_SLEEP`` (trainer.checkpoint:
 sleep between writing a checkpoint's temp file and renaming it), ``SLIMTUNE_TEST_FAIL_RANK``,
-``SLIMTUNE_TEST_NAN_RANK``, ``SLIMTUNE_TEST_STEP_SLEEP`` (trainer.engine).
+``SLIMTUNE_TEST_NAN_RANK``, ``SLIMTUNE_TEST_STEP_SLEEP`` (trainer.engine),
+``SLIMTUNE_TEST_REPORT_SLEEP`` (trainer.cli: sleep before a crashed rank records its failure).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from tests.helpers import FAST, cli_env, make_small_checkpoint
 from trainer.checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint
 
 FAULT_VARS = ("SLIMTUNE_TEST_KILL_AT", "SLIMTUNE_TEST_KILL_IN_SAVE", "SLIMTUNE_TEST_FAIL_RANK",
-              "SLIMTUNE_TEST_NAN_RANK", "SLIMTUNE_TEST_STEP_SLEEP", "SLIMTUNE_TEST_SAVE_SLEEP")
+              "SLIMTUNE_TEST_NAN_RANK", "SLIMTUNE_TEST_STEP_SLEEP", "SLIMTUNE_TEST_SAVE_SLEEP",
+              "SLIMTUNE_TEST_REPORT_SLEEP")
 
 
 def write_start_checkpoint(path: Path) -> Path:

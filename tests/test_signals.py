@@ -174,6 +174,19 @@ def test_a_sigkilled_rank_ends_the_job_quickly_and_is_named_last(folder):
     _assert_epoch_one_kept(out)
 
 
+@pytest.mark.slow  # ~15 s
+def test_a_survivor_sigtermed_by_the_agent_still_reports_its_lost_peer(folder):
+    # When a rank dies the agent SIGTERMs the others. A survivor still writing its report
+    # (held here for 5 s) must finish it, or the launcher has no rank to name (CI saw "no rank
+    # reported an error" when the default SIGTERM handler came back before the report).
+    result = run_cli(*finetune_args(*DDP), cwd=folder, timeout=240,
+                     env=env(SLIMTUNE_TEST_KILL_AT="1:2:0", SLIMTUNE_TEST_REPORT_SLEEP="5"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0
+    assert lines[-1].startswith("error: rank 0 died without reporting an error"), lines[-3:]
+    assert lines[-2].startswith("error: rank 1 failed: RuntimeError: "), lines[-3:]
+
+
 @pytest.mark.slow  # ~20 s
 def test_nan_on_one_rank_stops_every_rank_at_the_same_step(folder):
     result = run_cli(*_odd_args(folder, *DDP), cwd=folder, env=env(SLIMTUNE_TEST_NAN_RANK="1:2:3"),

@@ -12,6 +12,7 @@ import importlib
 import inspect
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -277,6 +278,14 @@ def _failure(message: str, code: int) -> None:
             pass
 
 
+def _test_report_sleep() -> None:
+    """Fault injection for the test-suite: SLIMTUNE_TEST_REPORT_SLEEP=T sleeps T seconds
+    before a crashed rank records its failure (widens the window a launcher's SIGTERM hits)."""
+    delay = os.environ.get("SLIMTUNE_TEST_REPORT_SLEEP")
+    if delay:
+        time.sleep(float(delay))
+
+
 def run_app(app: typer.Typer, argv: list[str] | None = None, prog: str = "slimtune") -> int:
     """Run ``app``; user errors become one ``error: ...`` line and exit code 2."""
     launched = bool(os.environ.get("SLIMTUNE_FAILURE_DIR"))
@@ -292,6 +301,7 @@ def run_app(app: typer.Typer, argv: list[str] | None = None, prog: str = "slimtu
     except UserError as exc:
         message, code = str(exc), exc.exit_code
     except Exception as exc:  # noqa: BLE001 -- a crash: keep the traceback, name the rank
+        _test_report_sleep()
         _failure(f"{type(exc).__name__}: {exc}", 1)
         print(f"[rank {dist.rank()}] crashed:", file=sys.stderr)
         traceback.print_exc()

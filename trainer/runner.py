@@ -440,7 +440,11 @@ def run_worker(cfg: RunConfig) -> int:
                           "same command again", style="yellow")
         return stop.exit_code
     finally:
-        STOP.restore()
+        # A rank of a multi-process job keeps the stop handlers until it exits: when one rank
+        # dies, the agent SIGTERMs the others, and the default handler killed a survivor
+        # between its error and its report (the launcher then had no rank to name).
+        if dist.world_size() == 1:
+            STOP.restore()
         end_run(accelerator)
     return 0
 
