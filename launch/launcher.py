@@ -3,9 +3,10 @@
 ``dispatch(cfg)`` is what ``python -m launch <command>`` calls. A job of several processes
 (DDP, DataParallel over several GPUs, several machines, or ``--gpu-ids`` other than 0) is
 started as ``python -m accelerate.commands.launch --config_file X -m trainer <command> ...``
-with a generated (or the user's) Accelerate config. The workers report a failing rank by writing
-``rank<R>.txt`` into the folder named by env ``SLIMTUNE_FAILURE_DIR``: first line the one-line
-message, optionally a line ``exit_code=N``; the launcher prints those as its last lines.
+with a generated (or the user's) Accelerate config. A rank that fails or stops on a signal says
+so in ``rank<R>.txt`` in the folder named by env ``SLIMTUNE_FAILURE_DIR``
+(``trainer.dist.report_to_launcher``): first line the one-line message, optionally a line
+``exit_code=N``; the launcher prints those as its last lines, the root cause last.
 """
 
 from __future__ import annotations
@@ -38,10 +39,9 @@ from launch.accelerate_config import (
     write_config,
 )
 from trainer.config import RunConfig
-from trainer.dist import is_peer_loss
+from trainer.dist import FAILURE_DIR_ENV, is_consequence, is_stop
 from trainer.errors import ConfigError
 
-FAILURE_DIR_ENV = "SLIMTUNE_FAILURE_DIR"
 STOP_WAIT_S = 120.0  # how long to wait for workers to save and exit after a forwarded signal
 
 
@@ -425,36 +425,40 @@ def read_failures(failure_dir: Path) -> list[tuple[int, str, int | None]]:
 
 
 def _report(code: int, signum: int | None, failure_dir: Path, ranks: range | None = None) -> int:
-    """Print a summary, then the failing ranks as the last lines; pick the exit code."""
-    failures = read_failures(failure_dir)
-    silent = _silent_ranks(failures, ranks) if signum is None else []
+    """Print a summary, then how the ranks ended, root cause last; pick the exit code."""
+    reports = read_failures(failure_dir)
+    if signum is not None:  # the launcher passed the signal on: one line says it all
+        reports = [r for r in reports if not is_stop(r[1])]
+    silent = _silent_ranks(reports, ranks) if signum is None else []
     if signum is not None:
         print(f"stopped by {signal.Signals(signum).name}; the job exited with code {code}",
               file=sys.stderr)
-    elif not failures:
+    elif not reports:
         print(f"error: the launched job failed with exit code {code} and no rank reported "
               "an error; see its output above", file=sys.stderr)
-    # A rank that only lost its peer fails too; print those first so that the root cause
-    # is the last line, and take the exit code from the root cause.
-    failures.sort(key=lambda f: not is_peer_loss(f[1]))  # stable: by rank within each group
-    for rank, message, _ in failures:
-        print(f"error: rank {rank} failed: {message}", file=sys.stderr)
+    # A rank that only lost its peer, or that the agent SIGTERMed after a peer died, ended
+    # too; print those first so that the root cause is the last line, and take the exit
+    # code from the root cause.
+    reports.sort(key=lambda r: not is_consequence(r[1]))  # stable: by rank within each group
+    for rank, message, _ in reports:
+        print(f"rank {rank} {message}" if is_stop(message) else
+              f"error: rank {rank} failed: {message}", file=sys.stderr)
     if silent:
         print(f"error: rank {', '.join(map(str, silent))} died without reporting an error "
               "(killed by a signal such as SIGKILL, or by the out-of-memory killer); the "
               "other ranks stopped because they lost it", file=sys.stderr)
         return code
-    roots = [f for f in failures if not is_peer_loss(f[1])] or failures
+    roots = [r for r in reports if not is_consequence(r[1])] or reports
     codes = [c for _, _, c in roots if c]
     if codes:
         return codes[0]
     return 128 + signum if signum is not None else code
 
 
-def _silent_ranks(failures: list[tuple[int, str, int | None]], ranks: range | None) -> list[int]:
-    """Ranks started here that wrote no report while every report is a lost peer: those died
-    without a word (SIGKILL, out of memory) and are the root cause."""
-    if not ranks or not failures or not all(is_peer_loss(m) for _, m, _ in failures):
+def _silent_ranks(reports: list[tuple[int, str, int | None]], ranks: range | None) -> list[int]:
+    """Ranks started here that wrote no report while every report is a consequence (a lost
+    peer, a stop): those died without a word (SIGKILL, out of memory) and are the root cause."""
+    if not ranks or not reports or not all(is_consequence(m) for _, m, _ in reports):
         return []
-    reported = {rank for rank, _, _ in failures}
+    reported = {rank for rank, _, _ in reports}
     return [r for r in ranks if r not in reported]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -345,6 +346,24 @@ def test_report_puts_the_root_cause_last_and_returns_its_code(tmp_path, capsys):
     assert lines[-1] == "error: rank 0 failed: checkpoint y.pth is missing; pass --checkpoint"
     assert lines[-2].startswith("error: rank 1 failed: RuntimeError: ") and \
         "Connection closed by peer" in lines[-2]
+
+
+def test_report_names_a_silent_rank_after_peers_that_stopped_or_lost_it(tmp_path, capsys):
+    """Rank 0 was SIGKILLed; the agent then SIGTERMed rank 1, which stopped at a step boundary
+    (or lost its peer). Rank 0 wrote nothing: it is the root cause, named last."""
+    (tmp_path / "rank1.txt").write_text("stopped by SIGTERM in epoch 2\nexit_code=143\n")
+    assert launcher._report(1, None, tmp_path, range(2)) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-2] == "rank 1 stopped by SIGTERM in epoch 2"
+    assert lines[-1].startswith("error: rank 0 died without reporting an error")
+
+
+def test_report_of_a_stop_the_launcher_forwarded_is_one_line(tmp_path, capsys):
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}.txt").write_text("stopped by SIGINT in epoch 1\nexit_code=130\n")
+    assert launcher._report(1, signal.SIGINT, tmp_path, range(2)) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "stopped by SIGINT; the job exited with code 1"]
 
 
 # ------------------------------------------------------------------ two machines on loopback

@@ -132,6 +132,27 @@ def test_sigterm_to_the_launcher_with_loader_workers(folder):
 
 
 @pytest.mark.slow  # ~20 s
+def test_sigterm_to_the_ranks_not_the_launcher_is_reported_as_a_stop(folder):
+    """A scheduler or the agent may signal the ranks alone. Each rank stops as asked and says
+    so; the launcher prints that and exits 143 (before: "no rank reported an error", exit 1)."""
+    proc = start(finetune_args(*DDP, epochs=5), folder, env(SLIMTUNE_TEST_STEP_SLEEP="0.3"))
+    out = folder / "out"
+    try:
+        wait_for(lambda: (out / "x.last.pth").exists(), 180, "the end of epoch 1")
+        for pid in rank_pids(proc).values():
+            os.kill(pid, signal.SIGTERM)
+    except BaseException:
+        proc.kill()
+        raise
+    output, _ = _finish(proc, STOP_BOUND_S)
+    assert proc.returncode == 143, output[-3000:]
+    last = output.strip().splitlines()[-2:]
+    assert [ln.split(" in epoch")[0] for ln in last] == [
+        "rank 0 stopped by SIGTERM", "rank 1 stopped by SIGTERM"], output[-3000:]
+    assert "error:" not in output, output[-3000:]
+
+
+@pytest.mark.slow  # ~20 s
 def test_a_sigkilled_launcher_takes_its_job_down(folder):
     """The job runs in its own session; killing the launcher outright (SIGKILL, the OOM killer)
     must not leave ranks training detached: they get SIGTERM and stop at a step boundary."""

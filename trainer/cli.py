@@ -15,7 +15,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -266,18 +265,6 @@ def set_short_help(app: typer.Typer) -> None:
             info.short_help = doc.strip().splitlines()[0].rstrip(".")
 
 
-def _failure(message: str, code: int) -> None:
-    """Record a rank's failure for the launcher, which prints it as the last line and
-    exits with ``code`` (torchrun turns every worker exit code into 1)."""
-    folder = os.environ.get("SLIMTUNE_FAILURE_DIR")
-    if folder:
-        try:
-            Path(folder, f"rank{dist.rank()}.txt").write_text(
-                message.replace("\n", " ") + f"\nexit_code={code}\n")
-        except OSError:
-            pass
-
-
 def _test_report_sleep() -> None:
     """Fault injection for the test-suite: SLIMTUNE_TEST_REPORT_SLEEP=T sleeps T seconds
     before a crashed rank records its failure (widens the window a launcher's SIGTERM hits)."""
@@ -288,7 +275,7 @@ def _test_report_sleep() -> None:
 
 def run_app(app: typer.Typer, argv: list[str] | None = None, prog: str = "slimtune") -> int:
     """Run ``app``; user errors become one ``error: ...`` line and exit code 2."""
-    launched = bool(os.environ.get("SLIMTUNE_FAILURE_DIR"))
+    launched = bool(os.environ.get(dist.FAILURE_DIR_ENV))
     try:
         rv = app(args=argv, prog_name=prog, standalone_mode=False)
         return rv if isinstance(rv, int) else 0
@@ -302,12 +289,12 @@ def run_app(app: typer.Typer, argv: list[str] | None = None, prog: str = "slimtu
         message, code = str(exc), exc.exit_code
     except Exception as exc:  # noqa: BLE001 -- a crash: keep the traceback, name the rank
         _test_report_sleep()
-        _failure(f"{type(exc).__name__}: {exc}", 1)
+        dist.report_to_launcher(f"{type(exc).__name__}: {exc}", 1)
         print(f"[rank {dist.rank()}] crashed:", file=sys.stderr)
         traceback.print_exc()
         return 1
     message = " ".join(message.split("\n"))
-    _failure(message, code)
+    dist.report_to_launcher(message, code)
     if not launched and (dist.is_main() or dist.world_size() == 1):
         print(f"error: {message}", file=sys.stderr)
     return code

@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from trainer.errors import StopRequested
+
 
 def rank() -> int:
     if dist.is_available() and dist.is_initialized():
@@ -73,3 +75,29 @@ def is_peer_loss(message: str) -> bool:
     """True if ``message`` is a consequence of another rank's failure, not a cause."""
     lowered = message.lower()
     return any(p in lowered for p in _PEER_LOSS)
+
+
+# How a rank of a launched job ended, for the launcher (launch.launcher.run_job).
+FAILURE_DIR_ENV = "SLIMTUNE_FAILURE_DIR"
+def is_stop(message: str) -> bool:
+    """True if a rank's report says it stopped on a signal (SIGINT/SIGTERM)."""
+    return message.startswith(StopRequested.PREFIX)
+
+
+def is_consequence(message: str) -> bool:
+    """True if a rank's report is not a root cause: it lost a peer, or it was stopped by a
+    signal (the agent SIGTERMs every other rank when one dies)."""
+    return is_peer_loss(message) or is_stop(message)
+
+
+def report_to_launcher(message: str, code: int) -> None:
+    """Write ``rank<R>.txt`` into ``$SLIMTUNE_FAILURE_DIR`` (nothing when it is unset): the
+    message on one line, then ``exit_code=N``. The launcher prints these as its last lines
+    and exits with the root cause's code (torchrun turns every worker exit code into 1)."""
+    folder = os.environ.get(FAILURE_DIR_ENV)
+    if folder:
+        try:
+            with open(os.path.join(folder, f"rank{rank()}.txt"), "w", encoding="utf-8") as f:
+                f.write(message.replace("\n", " ") + f"\nexit_code={code}\n")
+        except OSError:
+            pass

@@ -140,8 +140,7 @@ def _check(losses: list[torch.Tensor], epoch: int, first_step: int, device) -> N
         )
     if flags[1] > 0:
         signum = STOP.signum or signal.SIGTERM
-        raise StopRequested(signum,
-                            f"stopped by {signal.Signals(signum).name} in epoch {epoch + 1}")
+        raise StopRequested(signum, epoch + 1)
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,

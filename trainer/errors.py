@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints ``error: <message>`` on one line and exits 2."""
 
+import signal
+
 
 class UserError(Exception):
     """Bad input the user can fix; the message names the problem and the fix."""
@@ -28,8 +30,10 @@ class TrainingError(UserError):
 class StopRequested(Exception):
     """SIGINT/SIGTERM arrived; the loop stopped at a step boundary on every rank."""
 
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
+    PREFIX = "stopped by "  # how every stop's message starts (trainer.dist.is_stop reads it)
+
+    def __init__(self, signum: int, epoch: int):
+        super().__init__(f"{self.PREFIX}{signal.Signals(signum).name} in epoch {epoch}")
         self.signum = signum
         self.exit_code = 128 + signum
         self.resumable = False  # set when a resume state exists to continue from

@@ -4,7 +4,6 @@ curves. All file writes happen on the main process; every rank runs every collec
 from __future__ import annotations
 
 import math
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,8 +108,7 @@ def fit(model: nn.Module, optimizer, *, accelerator, cfg: RunConfig, train_loade
         # A signal sent to the whole process group (a scheduler's SIGTERM, `timeout`) also
         # ends the DataLoader workers before this rank's next check: the error that follows
         # is the stop's doing, so it stops like one.
-        stop = StopRequested(STOP.signum, f"stopped by {signal.Signals(STOP.signum).name} "
-                                          f"in epoch {epoch + 1}")
+        stop = StopRequested(STOP.signum, epoch + 1)
         stop.resumable = paths["last"].exists()
         raise stop from exc
     finally:

@@ -432,6 +432,7 @@ def run_worker(cfg: RunConfig) -> int:
         else:
             {"train": cmd_train, "finetune": cmd_finetune}[cfg.command](cfg, accelerator)
     except StopRequested as stop:
+        dist.report_to_launcher(str(stop), stop.exit_code)
         if dist.is_main() and (stop.resumable or cfg.command == "pipeline"):
             console.print(f"{stop}; the last finished epoch is saved. Resume with the same "
                           "command plus --resume", style="yellow")
