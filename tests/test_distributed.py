@@ -27,6 +27,7 @@ from torch import nn
 
 from launch import launcher
 from launch.accelerate_config import build_accelerate_config
+from launch.launcher import free_port
 from tests.fakedata import write_fake_cifar10
 from tests.helpers import FAST, REPO, cli_env, communicate_all, make_small_checkpoint, run_cli
 from trainer.checkpoint import (
@@ -103,12 +104,6 @@ def load_accelerate_config(path: Path):
     from accelerate.commands.config.config_args import load_config_from_file
 
     return load_config_from_file(str(path))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ real 2-process runs
@@ -203,6 +198,20 @@ def test_two_process_evaluate_counts_every_test_image_exactly_once(inputs, tmp_p
     # evaluate has no output file: its launch config goes to <workdir>/checkpoints/.
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     assert written == ["checkpoints", "checkpoints/accelerate_cpu_ddp_2proc.yaml"]
+
+
+@pytest.mark.slow  # ~10 s
+def test_a_two_process_job_runs_while_port_29500_is_taken(inputs, tmp_path):
+    """Accelerate probes its default port and torchrun binds it later: a socket sitting there
+    without listening (or a second job started at the same moment, seen in CI) made the job
+    fail with EADDRINUSE. The launcher gives each one-machine job a free port."""
+    with socket.socket() as blocker:
+        try:
+            blocker.bind(("", 29500))
+        except OSError:
+            pytest.skip("port 29500 is already in use on this machine")
+        (got,) = evaluate_json(inputs, tmp_path, [["--gpus", "2"]])
+    assert got["total"] == N_TEST
 
 
 # ------------------------------------------------------------------ engine over a gloo world

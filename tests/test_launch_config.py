@@ -187,6 +187,28 @@ def test_launch_argv_can_target_a_script():
     assert argv[-4:] == ["/t/probe.py", "x", "--out", "o"] and "-m" not in argv[5:]
 
 
+@pytest.mark.parametrize("kwargs, port", [
+    ({"gpus": 2, "cpu": True}, True), ({"gpus": 4}, True),
+    ({"gpus": 1}, False), ({"gpus": 4, "mode": "dp"}, False),  # one process: no rendezvous
+    ({"gpus": 2, "num_machines": 2, "main_process_ip": "10.0.0.1"}, False)])  # the user's port
+def test_a_one_machine_ddp_job_gets_a_free_port_of_its_own(kwargs, port):
+    config = build_accelerate_config(**kwargs)
+    argv = build_launch_argv("c.yaml", "finetune", ["--cpu"])
+    got = launcher.with_free_port(argv, config, 41234)
+    expected = argv[:5] + ["--main_process_port", "41234"] + argv[5:] if port else argv
+    assert got == expected
+    # A user's config that names a port keeps it.
+    assert launcher.with_free_port(argv, {**config, "main_process_port": 29600}, 41234) == argv
+
+
+def test_free_port_can_be_listened_on():
+    port = launcher.free_port()
+    with socket.socket() as sock:
+        sock.bind(("", port))
+        sock.listen()
+    assert 1024 <= port <= 65535
+
+
 def _parse_worker_argv(argv: list[str]) -> RunConfig:
     """Minimal reading of the worker convention, typed by RunConfig's annotations."""
     hints = typing.get_type_hints(RunConfig)
@@ -421,6 +443,7 @@ def test_dry_run_prints_command_and_yaml_and_runs_nothing(tmp_path, capsys, monk
     assert first.startswith("ACCELERATE_USE_CPU=true ")
     argv = shlex.split(first)[1:]
     assert argv[1:3] == ["-m", "accelerate.commands.launch"] and "--cpu" in argv
+    assert out.splitlines()[1].startswith("# the launch adds --main_process_port <a free port>")
     assert "num_processes: 2" in out and "use_cpu: true" in out
     assert not (tmp_path / ODD_DIR).exists()  # config not written
 

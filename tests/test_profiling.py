@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import thop
@@ -12,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from launch.launcher import free_port
 from trainer.checkpoint import make_checkpoint, save_checkpoint
 from trainer.errors import CheckpointError, UserError
 from trainer.models import ResNet50, count_params, default_cfg, prunable_indices
@@ -152,12 +152,6 @@ def test_data_parallel_gives_bare_numbers(full_model):
         assert all(k.startswith("module.") for k in wrapped.state_dict())
     finally:
         full_model.eval()  # the fixture is shared by the module's tests
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_gives_bare_numbers(monkeypatch):
