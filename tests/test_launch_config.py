@@ -566,15 +566,9 @@ def test_failed_rank_of_a_real_job_is_reported_with_its_code(tmp_path, capsys):
         "error: rank 1 failed: bad thing happened"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # ~3 s alone, ~8 s on a busy 2-core machine
 def test_two_machines_on_loopback_form_a_world_of_two(tmp_path):
-    port, out = _free_port(), tmp_path / "out"
+    port, out = launcher.free_port(), tmp_path / "out"
     procs = []
     for rank in (0, 1):
         config = build_accelerate_config(gpus=1, cpu=True, num_machines=2, machine_rank=rank,
