@@ -79,6 +79,8 @@ def is_peer_loss(message: str) -> bool:
 
 # How a rank of a launched job ended, for the launcher (launch.launcher.run_job).
 FAILURE_DIR_ENV = "SLIMTUNE_FAILURE_DIR"
+
+
 def is_stop(message: str) -> bool:
     """True if a rank's report says it stopped on a signal (SIGINT/SIGTERM)."""
     return message.startswith(StopRequested.PREFIX)
