@@ -189,7 +189,7 @@ def run_ddp(args, n: int, batch: int, timeout: float) -> dict[str, Any]:
 def ddp_worker(args) -> None:
     """One torchrun rank: the gpu-loader loop of the pruned model under DDP."""
     from trainer import dist
-    from trainer.runner import make_accelerator
+    from trainer.runner import end_run, make_accelerator
 
     batch = args.batches[0]
     cfg = bench.run_config(options(args, batch), mode="ddp", loader="gpu")
@@ -202,7 +202,7 @@ def ddp_worker(args) -> None:
     if dist.is_main():
         write_json(args.output, {"processes": accelerator.num_processes, "global_batch": batch,
                                  "img_s": res["img_s"], "runs_img_s": res["runs_img_s"]})
-    accelerator.end_training()
+    end_run(accelerator)
 
 
 def strict_fp32_section(args, accelerator, pruned, clock) -> dict[str, Any]:
@@ -268,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.ddp_worker:
         ddp_worker(args)
-        return 0
+        from trainer.__main__ import leave
+
+        leave(0)  # as the real worker leaves (no gloo group destroy: it deadlocked on torch 2.4)
     from trainer.runner import make_accelerator
 
     clock = Clock(args.budget_s)

@@ -36,10 +36,6 @@ def main(argv: list[str]) -> int:
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(record))
-    if dist.is_initialized():
-        # Without this, gloo's threads can abort the exiting process (SIGABRT, "terminate
-        # called without an active exception") after all the work is done.
-        dist.destroy_process_group()
     failure_dir = os.environ.get("SLIMTUNE_FAILURE_DIR")
     if "--fail" in argv and failure_dir and record["rank"] == 1:
         Path(failure_dir, "rank1.txt").write_text("bad thing happened\nexit_code=2\n")
@@ -48,4 +44,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Leave as the real worker does: destroying a gloo group deadlocked on torch 2.4, and
+    # interpreter finalisation could abort a gloo rank (trainer.__main__.leave).
+    from trainer.__main__ import leave
+
+    leave(main(sys.argv[1:]))
