@@ -85,22 +85,26 @@ def dispatch(cfg: RunConfig) -> int:
             raise ConfigError(f"cannot write the Accelerate config {plan.config_path} "
                               f"({exc.strerror or exc}); pick a writable --output/--workdir "
                               "folder or pass --accelerate-config FILE") from None
-    argv = with_free_port(plan.argv, plan.config, free_port())
+    argv = plan.argv
+    if needs_own_port(plan.config):
+        argv = with_port(argv, free_port())
     return run_job(argv, os.environ | plan.env, ranks=local_ranks(plan.config))
 
 
-def with_free_port(argv: list[str], config: dict, port: int) -> list[str]:
-    """``argv`` plus ``--main_process_port port`` for a one-machine DDP job whose config names
-    no port.
+def needs_own_port(config: dict) -> bool:
+    """True for a one-machine DDP job whose config names no rendezvous port.
 
     Accelerate's default port, 29500, is probed and only later bound by torchrun: two jobs
     started together on one machine both took it and one failed with EADDRINUSE (seen in CI),
     as does any job while a socket sits on 29500 without listening. A port the kernel has just
     handed out is free, and a launcher started beside this one gets another.
     """
-    if (process_count(config) <= 1 or int(config.get("num_machines", 1)) > 1
-            or config.get("main_process_port")):
-        return argv
+    return (process_count(config) > 1 and int(config.get("num_machines", 1)) <= 1
+            and not config.get("main_process_port"))
+
+
+def with_port(argv: list[str], port: int) -> list[str]:
+    """``argv`` (an ``accelerate launch`` command) with ``--main_process_port port``."""
     at = argv.index("--config_file") + 2
     return [*argv[:at], "--main_process_port", str(port), *argv[at:]]
 
@@ -318,7 +322,7 @@ def describe(plan: LaunchPlan) -> str:
         return f"# runs in this process (one process, no accelerate launch):\n{shlex.join(argv)}"
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(plan.env.items()))
     command = f"{env} {shlex.join(plan.argv)}" if env else shlex.join(plan.argv)
-    if with_free_port(plan.argv, plan.config, 1) != plan.argv:
+    if needs_own_port(plan.config):
         command += ("\n# the launch adds --main_process_port <a free port> after --config_file "
                     "(Accelerate's default, 29500, would be shared by every job on this machine)")
     state = "would be written to" if plan.write else "read from"

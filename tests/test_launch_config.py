@@ -193,12 +193,12 @@ def test_launch_argv_can_target_a_script():
     ({"gpus": 2, "num_machines": 2, "main_process_ip": "10.0.0.1"}, False)])  # the user's port
 def test_a_one_machine_ddp_job_gets_a_free_port_of_its_own(kwargs, port):
     config = build_accelerate_config(**kwargs)
-    argv = build_launch_argv("c.yaml", "finetune", ["--cpu"])
-    got = launcher.with_free_port(argv, config, 41234)
-    expected = argv[:5] + ["--main_process_port", "41234"] + argv[5:] if port else argv
-    assert got == expected
+    assert launcher.needs_own_port(config) == port
     # A user's config that names a port keeps it.
-    assert launcher.with_free_port(argv, {**config, "main_process_port": 29600}, 41234) == argv
+    assert not launcher.needs_own_port({**config, "main_process_port": 29600})
+    argv = build_launch_argv("c.yaml", "finetune", ["--cpu"])
+    assert launcher.with_port(argv, 41234) == argv[:5] + ["--main_process_port", "41234"] + \
+        argv[5:]
 
 
 def test_free_port_can_be_listened_on():

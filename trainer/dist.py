@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.errors import StopRequested
+from trainer.files import atomic_write_text
 
 
 def rank() -> int:
@@ -99,7 +100,7 @@ def report_to_launcher(message: str, code: int) -> None:
     folder = os.environ.get(FAILURE_DIR_ENV)
     if folder:
         try:
-            with open(os.path.join(folder, f"rank{rank()}.txt"), "w", encoding="utf-8") as f:
-                f.write(message.replace("\n", " ") + f"\nexit_code={code}\n")
+            atomic_write_text(os.path.join(folder, f"rank{rank()}.txt"),
+                              message.replace("\n", " ") + f"\nexit_code={code}\n")
         except OSError:
             pass
