@@ -205,6 +205,8 @@ ROWS = [
         r"Invalid value for '--epochs'"),
     Row("cli-missing-argument", "a command without its required argument", ["info"],
         r"(?i)Missing argument 'checkpoint'"),
+    Row("dp-compile", "DataParallel with --compile (or --mixed-precision)",
+        [*FINETUNE, "--mode", "dp", "--compile"], r"--mode dp runs in FP32 without --compile"),
     Row("ratios-empty", "pipeline --ratios is empty",
         ["pipeline", "--ratios", "", "--dataset", "synthetic", "--cpu"], r"--ratios is empty"),
     Row("ratios-twice", "pipeline --ratios names a ratio twice",

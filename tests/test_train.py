@@ -115,6 +115,33 @@ def test_sparsity_changes_gamma_by_lr_lambda_sign_in_one_sgd_step():
             assert torch.equal(p, sp[name]), name
 
 
+def test_the_l1_term_keeps_its_size_under_the_fp16_loss_scaler():
+    """fp16 on CUDA gives Accelerate a GradScaler: backward() leaves the grads ×2**16 and
+    step() divides by it. Added in between, λ·sign(γ) shrank 65536-fold (sparse training in
+    fp16 was not sparse). The CPU builds no scaler, so this one is put in by hand."""
+    torch.manual_seed(0)
+    base = ResNet50(cfg=small_cfg(3))
+    batch = (torch.randn(8, 3, 32, 32), torch.arange(8) % 10)
+    lam = 1e-3
+    cfg = RunConfig(command="train", **dict(TRAIN_DEFAULTS, warmup_epochs=0.0, sparsity=lam),
+                    cpu=True, num_workers=0)
+    accelerator = runner.make_accelerator(cfg)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaled = copy.deepcopy(base)
+    optimizer = accelerator.prepare_optimizer(engine.make_optimizer(scaled, cfg))
+    engine.train_one_epoch(scaled, [batch], optimizer, accelerator=accelerator, cfg=cfg,
+                           epoch=0)
+    assert accelerator.scaler.get_scale() == 2.0 ** 16  # the step was taken, not skipped
+    plain, sparse = copy.deepcopy(base), copy.deepcopy(base)
+    one_sgd_step(plain, 0.0, batch)
+    one_sgd_step(sparse, lam, batch)
+    plain_bns, sparse_bns = dict(batchnorms(plain)), dict(batchnorms(sparse))
+    for name, bn in batchnorms(scaled):
+        delta = bn.weight.detach() - plain_bns[name].weight.detach()
+        expected = sparse_bns[name].weight.detach() - plain_bns[name].weight.detach()
+        assert torch.allclose(delta, expected, rtol=1e-3, atol=1e-7), name
+
+
 # ---------------------------------------------------------------- the default train recipe
 
 

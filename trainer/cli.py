@@ -96,7 +96,7 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "cpu": (bool, "Run on CPU (with --gpus N --mode ddp: N gloo processes)."),
     "debug": (bool, "In-process, num_workers=0, anomaly detection, print resolved settings."),
     "mode": (str, ("Multi-GPU mode: ddp (one process per GPU, faster) or dp (one process, "
-                  "nn.DataParallel).")),
+                  "nn.DataParallel; FP32 only, no --compile).")),
     "mixed_precision": (str, ("no (FP32), bf16 or fp16. FP32 is the default: half precision "
                              "crashed in cublasLtMatmul on multi-GPU in the lab.")),
     "tf32": (bool, ("Allow TF32 convolutions (PyTorch default); --no-tf32 = strict IEEE FP32 "

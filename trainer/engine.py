@@ -70,6 +70,18 @@ def add_sparsity_grad(model: nn.Module, lam: float) -> None:
             m.weight.grad.add_(torch.sign(m.weight.detach()), alpha=lam)
 
 
+def unscale_gradients(accelerator, optimizer) -> None:
+    """Divide the grads by fp16's loss scale now, so the L1 term added next keeps its size.
+
+    With a GradScaler (fp16 on CUDA) backward() leaves every grad multiplied by the scale
+    (2**16 at first) and step() divides by it; a term added in between would shrink by that
+    factor. step() sees the grads are already unscaled and does not divide again.
+    """
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None:
+        scaler.unscale_(getattr(optimizer, "optimizer", optimizer))
+
+
 # ---------------------------------------------------------------- stop requests
 
 
@@ -167,7 +179,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         _test_hooks(loss, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        add_sparsity_grad(model, cfg.sparsity)
+        if cfg.sparsity > 0:
+            unscale_gradients(accelerator, optimizer)
+            add_sparsity_grad(model, cfg.sparsity)
         optimizer.step()
         n = y.shape[0]
         loss_sum += loss.detach().double() * n

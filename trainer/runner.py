@@ -70,6 +70,11 @@ def validate(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message + "; see --help")
+    if cfg.mode == "dp" and (cfg.compile or cfg.mixed_precision != "no"):
+        # DataParallel copies the module per GPU per step: the copies of a compiled module
+        # wipe its parameters, and Accelerate's autocast forward stays bound to GPU 0's model
+        raise ConfigError("--mode dp runs in FP32 without --compile; use --mode ddp for "
+                          "--compile or --mixed-precision bf16/fp16")
     if cfg.command == "prune" and cfg.ratio is None:
         raise ConfigError("prune needs --ratio R with 0 < R < 1 (the fraction of channels to "
                           "remove), e.g. --ratio 0.5")
