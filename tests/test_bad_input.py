@@ -113,6 +113,15 @@ def _malicious_cifar(d: Path) -> None:
         pickle.dump({"data": _OpenForWrite(d / "pwned"), "labels": []}, f, protocol=2)
 
 
+def _label_out_of_range(d: Path) -> None:
+    path = d / "data" / "cifar-10-batches-py" / "data_batch_4"
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")  # our own fake file: plain arrays and lists
+    entry["labels"][3] = 15
+    with open(path, "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+
+
 def _empty_imagefolder(d: Path) -> None:
     for split in ("train", "val"):
         for k in range(3):
@@ -122,6 +131,18 @@ def _empty_imagefolder(d: Path) -> None:
 
 def _three_class_imagefolder(d: Path) -> None:
     write_imagefolder(d / "images", classes=3, per_class=2)
+
+
+def _resume_file_as_input(d: Path) -> None:
+    shutil.copy(d / "start.pth", d / "run.last.pth")
+
+
+def _output_folder(d: Path) -> None:
+    (d / "out" / "x.pth").mkdir(parents=True)
+
+
+def _plots_is_a_file(d: Path) -> None:
+    (d / "plots").write_text("not a folder")
 
 
 def _bad_yaml(d: Path) -> None:
@@ -187,6 +208,8 @@ ROWS = [
         r"data_batch_3 is truncated or corrupt", _truncated_cifar),
     Row("data-malicious", "a CIFAR file would run code when unpickled", FINETUNE,
         r"data_batch_2 holds objects other than arrays", _malicious_cifar),
+    Row("cifar-label-out-of-range", "a CIFAR file has a label outside the classes",
+        FINETUNE, r"data_batch_4 has a label 15 outside 0\.\.9", _label_out_of_range),
     Row("imagefolder-empty", "an image folder with no images",
         _set(_set(FINETUNE, "--dataset", "imagefolder"), "--data-dir", "images"),
         r"no usable images in images/train", _empty_imagefolder),
@@ -197,6 +220,22 @@ ROWS = [
         _set(FINETUNE, "--output", "start.pth/x.pth"), r"cannot write to start\.pth"),
     Row("output-is-input", "the output path is the input checkpoint",
         _set(FINETUNE, "--output", "start.pth"), r"--output start\.pth is the input checkpoint"),
+    Row("prune-plots-under-file", "prune's plots folder cannot be created (a file is in the way)",
+        PRUNE, r"cannot write to plots \(File exists\)", _plots_is_a_file),
+    Row("plot-is-input", "the figure path is the input checkpoint",
+        _set(FINETUNE, "--plot", "start.pth"), r"--plot start\.pth is the input checkpoint"),
+    Row("resume-file-is-input", "the run's resume file would be the input checkpoint",
+        _set(_set(FINETUNE, "--checkpoint", "run.last.pth"), "--output", "run.pth"),
+        r"resume file of --output run\.pth: run\.last\.pth is the input checkpoint",
+        _resume_file_as_input),
+    Row("compare-output-is-input", "compare's figure path is one of the checkpoints",
+        ["compare", "start.pth", "start.pth", "--output", "start.pth"],
+        r"--output start\.pth is one of the checkpoints compared"),
+    Row("output-is-folder", "the output path is a folder",
+        FINETUNE, r"--output out/x\.pth is a folder; give a file path", _output_folder),
+    Row("scope-unknown", "an unknown --scope",
+        ["pipeline", "--scope", "foo", "--dataset", "synthetic", "--cpu"],
+        r"--scope 'foo': use all or prunable"),
     Row("cli-unknown-command", "a mistyped command", ["trian"],
         r"No such command 'trian'"),
     Row("cli-unknown-option", "a mistyped option", [*FINETUNE, "--epoch", "2"],

@@ -190,7 +190,8 @@ def _download_cifar(cls: type, title: str, data_dir: str) -> None:
         socket.setdefaulttimeout(old)
 
 
-def _check_cifar_files(cls: type, title: str, data_dir: str, label_key: str) -> None:
+def _check_cifar_files(cls: type, title: str, data_dir: str, label_key: str,
+                       num_classes: int) -> None:
     """Every file present, loadable with the safe unpickler and shaped like CIFAR."""
     folder = Path(data_dir) / cls.base_folder
     for fname, _ in cls.train_list + cls.test_list + [(cls.meta["filename"], None)]:
@@ -205,6 +206,7 @@ def _check_cifar_files(cls: type, title: str, data_dir: str, label_key: str) -> 
                             "download the dataset again")
         if key == "data":
             _check_cifar_batch(path, entry, label_key, title)
+            _check_cifar_labels(path, entry[label_key], title, num_classes)
 
 
 def _check_cifar_batch(path: Path, entry: dict, label_key: str, title: str) -> None:
@@ -214,6 +216,16 @@ def _check_cifar_batch(path: Path, entry: dict, label_key: str, title: str) -> N
     if not ok:
         raise DataError(f"{path} does not hold {title} images (uint8 rows of 3072 with one "
                         f"'{label_key}' each); delete it and download the dataset again")
+
+
+def _check_cifar_labels(path: Path, labels, title: str, num_classes: int) -> None:
+    """Integer labels in 0..num_classes-1: a bad one would only fail mid-epoch."""
+    arr = np.asarray(labels)
+    if arr.size and (arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() >= num_classes):
+        bad = next((v for v in arr.tolist() if not (isinstance(v, int) and 0 <= v < num_classes)),
+                   arr.flat[0])
+        raise DataError(f"{path} has a label {bad!r} outside 0..{num_classes - 1}; it is not a "
+                        f"{title} file: delete it and download the dataset again")
 
 
 def _build_cifar(name: str, data_dir: str, image_size: int, download: bool) -> Datasets:
@@ -226,7 +238,7 @@ def _build_cifar(name: str, data_dir: str, image_size: int, download: bool) -> D
             raise DataError(f"{title} not found in {data_dir} (download disabled); put "
                             f"{cls.base_folder}/ in {data_dir} or pass --data-dir")
         _download_cifar(cls, title, data_dir)
-    _check_cifar_files(cls, title, data_dir, label_key)
+    _check_cifar_files(cls, title, data_dir, label_key, num_classes)
     try:  # the files passed the safe unpickler above, so torchvision's pickle.load is safe
         train = cls(data_dir, train=True, transform=train_transform(32, mean, std))
         test = cls(data_dir, train=False, transform=eval_transform(32, mean, std))

@@ -297,6 +297,12 @@ def compare_command(
     """Compare checkpoints with a baseline: params, MACs, accuracy, and a bar chart."""
     from trainer.plots import plot_comparison
 
+    for src in [*checkpoints, *([baseline] if baseline else [])]:
+        if output.resolve() == src.resolve():
+            raise UserError(f"--output {output} is one of the checkpoints compared; choose "
+                            "another path for the figure (slimtune never overwrites its source)")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; give the path of a .png file")
     names = None if labels is None else [s.strip() for s in labels.split(",")]
     if names is not None and not all(names):
         raise UserError(f"--labels has an empty name in {labels!r}; give one non-empty label "

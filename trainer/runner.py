@@ -87,11 +87,37 @@ def validate(cfg: RunConfig) -> None:
         _check_pipeline_ratios(cfg.ratios)
     if cfg.command == "pipeline" and (cfg.train_epochs < 1 or cfg.finetune_epochs < 1):
         raise ConfigError("--train-epochs and --finetune-epochs need at least 1 epoch")
+    if cfg.scope not in ("all", "prunable"):
+        raise ConfigError(f"--scope {cfg.scope!r}: use all or prunable; see --help")
+    _check_written_files(cfg)
+
+
+def written_files(cfg: RunConfig) -> list[tuple[str, Path]]:
+    """(what, path) for each file a train/finetune/prune run writes (pipeline: its output)."""
+    from trainer.engine import run_paths
+
     out = output_path(cfg)
+    if out is None:
+        return []
+    if cfg.command == "prune":
+        return [("--output", out), ("the γ figure", Path("plots") / f"{out.stem}_gamma.png")]
+    if cfg.command not in ("train", "finetune"):
+        return [("--output", out)]
+    paths = run_paths(out)
+    return [("--output", out), ("--plot" if cfg.plot else "the curves figure", plot_path(cfg, out)),
+            (f"the resume file of --output {out}:", paths["last"]),
+            (f"the metrics CSV of --output {out}:", paths["csv"])]
+
+
+def _check_written_files(cfg: RunConfig) -> None:
+    """No run writes over its input or onto a folder (found before any work, not after it)."""
     src = cfg.init if cfg.command == "train" else cfg.checkpoint
-    if out is not None and src and Path(out).resolve() == Path(src).resolve():
-        raise ConfigError(f"--output {out} is the input checkpoint; choose another path "
-                          "(slimtune never overwrites its source)")
+    for what, path in written_files(cfg):
+        if src and path.resolve() == Path(src).resolve():
+            raise ConfigError(f"{what} {path} is the input checkpoint; choose another path "
+                              "(slimtune never overwrites its source)")
+        if path.is_dir():
+            raise ConfigError(f"{what} {path} is a folder; give a file path")
 
 
 def _check_pipeline_ratios(ratios: tuple[float, ...]) -> None:
@@ -356,6 +382,7 @@ def cmd_prune(cfg: RunConfig, accelerator, plots_dir: Path = Path("plots")) -> d
     if output.resolve() == Path(src).resolve():
         raise ConfigError(f"--output {output} is the input checkpoint; choose another path")
     ensure_writable(output.parent)
+    ensure_writable(plots_dir)
     result = prune(model, cfg.ratio, scope=cfg.scope, min_channels=cfg.min_channels)
     acc_before = acc_after = None
     if cfg.eval:
