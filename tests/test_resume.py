@@ -18,8 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests._faults import assert_same_run, env, finetune_args, make_shared, start
-from tests.helpers import run_cli
-from trainer.checkpoint import load_checkpoint, safe_torch_load
+from tests.helpers import make_small_checkpoint, run_cli, small_cfg
+from trainer.checkpoint import atomic_torch_save, load_checkpoint, safe_torch_load
+from trainer.cli import FINETUNE_DEFAULTS
+from trainer.config import RunConfig
+from trainer.engine import empty_history, make_optimizer
+from trainer.errors import ConfigError
+from trainer.fit import load_resume
+from trainer.models import ResNet50
 
 DDP = ["--gpus", "2"]
 # Seed of the single-process runs: their test accuracy improves at epochs 2 and 3, so epoch 2
@@ -162,3 +168,42 @@ def test_killed_ddp_run_resumes_to_the_identical_result(root):
     for result, rank in zip(results, (1, 0)):
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: rank {rank} died without reporting an error"), last
+
+
+# ---------------------------------------------------------------- what --force-resume cannot bridge
+
+
+def _resume_state(path: Path, width: int, optimizer: str) -> Path:
+    """A resume state as fit() writes it: weights of a small pruned model after 1 epoch."""
+    model = ResNet50(10, small_cfg(width))
+    opt = make_optimizer(model, _cfg(optimizer=optimizer))
+    atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1,
+                       "best_acc": 10.0, "best_epoch": 1, "history": empty_history(),
+                       "config": {"optimizer": optimizer, "data_dir": "data"}}, path)
+    return path
+
+
+def _cfg(**over):
+    return RunConfig(**{**FINETUNE_DEFAULTS, "command": "finetune", "cpu": True,
+                        "data_dir": "data", **over})
+
+
+def _load(path: Path, width: int, **over):
+    cfg = _cfg(**over)
+    model = ResNet50(10, small_cfg(width))
+    return load_resume(path, cfg, model, make_optimizer(model, cfg))
+
+
+def test_force_resume_refuses_in_one_line_what_it_cannot_bridge(tmp_path):
+    state = _resume_state(tmp_path / "x.last.pth", 4, "adam")
+    assert _load(state, 4, force_resume=True).next_epoch == 1
+    assert _load(state, 4, data_dir="./data/").next_epoch == 1  # one folder, spelt two ways
+    with pytest.raises(ConfigError, match=r"do not fit this model \(Error\(s\) in loading"):
+        _load(state, 8, force_resume=True)  # another --checkpoint: other widths
+    with pytest.raises(ConfigError, match=r"written with --optimizer adam; .* even with "
+                                          r"--force-resume; use --optimizer adam"):
+        _load(state, 4, optimizer="sgd", force_resume=True)
+    make_small_checkpoint(tmp_path / "best.pth")  # a best checkpoint, not a resume state
+    with pytest.raises(ConfigError, match=r"best\.pth is not a resume state \(no model, "
+                                          r"optimizer, epoch"):
+        _load(tmp_path / "best.pth", 4)

@@ -4,6 +4,7 @@ curves. All file writes happen on the main process; every rank runs every collec
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,22 @@ class FitState:
     history: dict[str, list] = field(default_factory=empty_history)
 
 
+PATH_FIELDS = ("data_dir", "checkpoint", "init")
+RESUME_KEYS = ("model", "optimizer", "epoch", "best_acc", "best_epoch", "history")
+
+
 def resume_mismatch(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     """Result-changing settings that differ between a resume state and this run."""
     now = cfg.to_dict()
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in RESULT_FIELDS
-            if k in saved and saved.get(k) != now.get(k)]
+            if k in saved and not _same_setting(k, saved.get(k), now.get(k))]
+
+
+def _same_setting(key: str, a: Any, b: Any) -> bool:
+    """Paths compare by their normal form: './data' and 'data' are one folder."""
+    if key in PATH_FIELDS and isinstance(a, str) and isinstance(b, str):
+        return os.path.normpath(a) == os.path.normpath(b)
+    return a == b
 
 
 def load_resume(path: Path, cfg: RunConfig, model: nn.Module, optimizer) -> FitState:
@@ -59,14 +71,35 @@ def load_resume(path: Path, cfg: RunConfig, model: nn.Module, optimizer) -> FitS
     if not path.exists():
         raise ConfigError(f"--resume: no resume state at {path}; run without --resume to start")
     state = safe_torch_load(path, what="resume state")
-    diffs = resume_mismatch(state.get("config", {}), cfg)
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise ConfigError(f"--resume: {path} is not a resume state (no {', '.join(missing)}); "
+                          "runs write it as <output stem>.last.pth; run without --resume")
+    saved = state.get("config", {})
+    diffs = resume_mismatch(saved, cfg)
     if diffs and not cfg.force_resume:
         raise ConfigError(f"--resume refused, settings differ from the interrupted run "
                           f"({'; '.join(diffs)}); rerun with the same settings or --force-resume")
-    unwrap_model(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    _restore(path, state, saved, cfg, model, optimizer)
     return FitState(next_epoch=int(state["epoch"]), best_acc=float(state["best_acc"]),
                     best_epoch=state["best_epoch"], history=state["history"])
+
+
+def _restore(path: Path, state: dict, saved: dict, cfg: RunConfig, model: nn.Module,
+             optimizer) -> None:
+    """Weights and optimizer state; what --force-resume cannot bridge is one line, not a crash."""
+    if saved.get("optimizer", cfg.optimizer) != cfg.optimizer:  # SGD state has no Adam moments
+        raise ConfigError(f"--resume: {path} was written with --optimizer {saved['optimizer']}; "
+                          "its optimizer state cannot continue another optimizer, even with "
+                          f"--force-resume; use --optimizer {saved['optimizer']} or start afresh")
+    try:
+        unwrap_model(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise ConfigError(f"--resume: the weights in {path} do not fit this model ({first}); "
+                          "resume with the run's own --checkpoint/--init or start without "
+                          "--resume") from None
 
 
 def _clean_stale_temps(paths: dict[str, Path]) -> None:
