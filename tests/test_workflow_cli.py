@@ -32,13 +32,37 @@ def assert_one_line_error(r, *needles: str) -> str:
     return lines[0]
 
 
+PIPELINE = ["pipeline", "--dataset", "synthetic", "--cpu", "--ratios", "0.3,0.6",
+            "--train-epochs", "1", "--finetune-epochs", "1", "--synthetic-train", "128",
+            "--synthetic-test", "64", "--batch-size", "32", "--limit-batches", "2",
+            "--num-workers", "0", "--workdir", "w"]
+
+
 @pytest.mark.slow
 def test_pipeline_end_to_end_on_synthetic_data(tmp_path):
-    r = run_cli("pipeline", "--dataset", "synthetic", "--cpu", "--ratios", "0.3,0.6",
-                "--train-epochs", "1", "--finetune-epochs", "1", "--synthetic-train", "128",
-                "--synthetic-test", "64", "--batch-size", "32", "--limit-batches", "2",
-                "--num-workers", "0", "--workdir", "w", cwd=tmp_path, timeout=400)
+    r = run_cli(*PIPELINE, cwd=tmp_path, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _check_pipeline_outputs(tmp_path, r)
+    _check_pipeline_resume(tmp_path)
+
+
+def _check_pipeline_resume(tmp_path: Path) -> None:
+    """--resume skips finished stages only when they ran with the settings asked now."""
+    ck = tmp_path / "w" / "checkpoints"
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    r = run_cli(*PIPELINE, "--resume", cwd=tmp_path, timeout=200)
+    assert r.returncode == 0 and "epoch 1/1" not in r.stdout, r.stdout[-2000:] + r.stderr
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before  # nothing redone
+    for extra, needles in ((["--train-epochs", "2"], ["model_sparse.pth", "epochs: 1 -> 2"]),
+                           (["--scope", "all"], ["model_prune_30.pth", "'prunable' -> 'all'"]),
+                           (["--finetune-lr", "0.01"], ["model_prune_30_finetune.pth",
+                                                        "lr: 0.001 -> 0.01"])):
+        r = run_cli(*PIPELINE, "--resume", *extra, cwd=tmp_path, timeout=200)
+        assert_one_line_error(r, "pipeline --resume refused:", *needles, "--force-resume")
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
+
+
+def _check_pipeline_outputs(tmp_path: Path, r) -> None:
     work = tmp_path / "w"
     ck, plots = work / "checkpoints", work / "plots"
     for name in ("model_sparse.pth", "model_prune_30.pth", "model_prune_60.pth",

@@ -9,8 +9,10 @@ from trainer import dist
 from trainer.checkpoint import load_checkpoint, safe_torch_load
 from trainer.config import RunConfig
 from trainer.engine import run_paths
+from trainer.errors import ConfigError
+from trainer.fit import resume_mismatch
 from trainer.progress import console, say
-from trainer.runner import cmd_finetune, cmd_prune, cmd_train, ensure_writable
+from trainer.runner import cmd_finetune, cmd_prune, cmd_train, ensure_writable, loader_kind
 
 
 def ratio_tag(ratio: float) -> str:
@@ -18,14 +20,50 @@ def ratio_tag(ratio: float) -> str:
     return f"{ratio * 100:g}"
 
 
-def stage_done(output: Path) -> bool:
-    """A stage finished if its resume state says so (used by ``pipeline --resume``)."""
+def stage_action(cfg: RunConfig, stage_cfg: RunConfig, output: Path, upstream_ran: bool) -> str:
+    """'skip', 'resume' or 'fresh' for a train/fine-tune stage under ``pipeline [--resume]``.
+
+    A finished stage is skipped only if it ran with the settings asked now; a stage whose
+    input was just remade starts afresh. An unfinished one resumes (fit checks its settings).
+    """
     last = run_paths(output)["last"]
-    return output.exists() and last.exists() and bool(safe_torch_load(last).get("finished"))
+    if not cfg.resume or upstream_ran or not last.exists():
+        return "fresh"
+    state = safe_torch_load(last, what="resume state")
+    if not (state.get("finished") and output.exists()):
+        return "resume"
+    changed = _changed(cfg, output, resume_mismatch(state.get("config", {}), stage_cfg))
+    return "resume" if changed else "skip"  # forced: fit() continues it with these settings
+
+
+def reusable_prune(cfg: RunConfig, prune_cfg: RunConfig, pruned: Path,
+                   upstream_ran: bool) -> dict | None:
+    """The prune metadata of an earlier ``pipeline`` run's file, if it may be reused."""
+    if not cfg.resume or upstream_ran or not pruned.exists():
+        return None
+    ckpt = load_checkpoint(pruned)
+    meta = ckpt.get("prune") or {}
+    diffs = resume_mismatch(ckpt.get("config", {}), prune_cfg) + [
+        f"{k}: {meta.get(k)!r} -> {getattr(prune_cfg, k)!r}" for k in ("scope", "min_channels")
+        if k in meta and meta[k] != getattr(prune_cfg, k)]
+    changed = _changed(cfg, pruned, diffs)
+    return None if changed else ckpt["prune"]  # forced: pruned again with these settings
+
+
+def _changed(cfg: RunConfig, output: Path, diffs: list[str]) -> bool:
+    """Whether ``output`` was made with other settings; refused unless --force-resume:
+    --resume must not pass off files made with other settings as this study's."""
+    if diffs and not cfg.force_resume:
+        raise ConfigError(f"pipeline --resume refused: {output.name} was made with other "
+                          f"settings ({'; '.join(diffs)}); rerun with the same settings, add "
+                          "--force-resume or use a new --workdir")
+    return bool(diffs)
 
 
 def run_pipeline(cfg: RunConfig, accelerator) -> list[dict]:
     """Train with sparsity, prune at ``cfg.ratios``, fine-tune each, compare; returns rows."""
+    # resolved now, as every stage saves it: --resume compares stages with these settings
+    cfg = cfg.replace(loader=loader_kind(cfg, accelerator.device))
     work = Path(cfg.workdir)
     ckpts, plots = work / "checkpoints", work / "plots"
     ensure_writable(ckpts)
@@ -35,9 +73,10 @@ def run_pipeline(cfg: RunConfig, accelerator) -> list[dict]:
                             optimizer="sgd", weight_decay=1e-4, warmup_epochs=cfg.warmup_epochs,
                             output=str(sparse), plot=None, checkpoint=None, init=None)
     _stage(f"1. sparse training ({cfg.train_epochs} epochs, λ={cfg.sparsity:g})")
-    if not (cfg.resume and stage_done(sparse)):
-        cmd_train(train_cfg.replace(resume=cfg.resume and run_paths(sparse)["last"].exists()),
-                  accelerator, plots)
+    action = stage_action(cfg, train_cfg, sparse, upstream_ran=False)
+    if action != "skip":
+        cmd_train(train_cfg.replace(resume=action == "resume"), accelerator, plots)
+    trained = action != "skip"
     rows = []
     for ratio in cfg.ratios:
         tag = ratio_tag(ratio)
@@ -45,9 +84,9 @@ def run_pipeline(cfg: RunConfig, accelerator) -> list[dict]:
         _stage(f"2. prune {ratio:g} -> {pruned.name}")
         prune_cfg = cfg.replace(command="prune", ratio=ratio, checkpoint=str(sparse),
                                 output=str(pruned), plot=None)
-        if cfg.resume and pruned.exists():
-            meta = load_checkpoint(pruned)["prune"]
-        else:
+        meta = reusable_prune(cfg, prune_cfg, pruned, upstream_ran=trained)
+        remade = meta is None
+        if remade:
             meta = cmd_prune(prune_cfg, accelerator, plots)
         _stage(f"3. fine-tune {pruned.name} ({cfg.finetune_epochs} epochs)")
         tuned = ckpts / f"model_prune_{tag}_finetune.pth"
@@ -55,9 +94,9 @@ def run_pipeline(cfg: RunConfig, accelerator) -> list[dict]:
                              epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, optimizer="adam",
                              batch_size=cfg.finetune_batch_size,
                              weight_decay=0.0, warmup_epochs=0.0, sparsity=0.0, plot=None)
-        if not (cfg.resume and stage_done(tuned)):
-            cmd_finetune(ft_cfg.replace(resume=cfg.resume and run_paths(tuned)["last"].exists()),
-                         accelerator, plots)
+        action = stage_action(cfg, ft_cfg, tuned, upstream_ran=remade)
+        if action != "skip":
+            cmd_finetune(ft_cfg.replace(resume=action == "resume"), accelerator, plots)
         best = load_checkpoint(tuned)
         rows.append({"ratio": ratio, "checkpoint": str(tuned), "params": meta["params_after"],
                      "best_acc": best.get("best_acc"), "acc_after_prune": meta.get("acc_after")})
