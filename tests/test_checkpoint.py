@@ -345,3 +345,38 @@ def test_a_resume_state_loads_as_its_last_epochs_model(tmp_path):
     ckpt = load_checkpoint(tmp_path / "x.last.pth")
     assert ckpt["cfg"] == model.cfg and ckpt["history"] == history
     assert "best_acc" not in ckpt  # the best weights are in x.pth, not here
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("history", [1, 2], "history is a list"),
+    ("history", {"test_acc": "90"}, "history.test_acc is a str"),
+    ("history", {"test_acc": [50.0, "x"]}, r"history.test_acc\[1\] is a str"),
+    ("prune", "0.9", "prune is a str"),
+    ("prune", {"ratio": 0.9, "threshold": "0.5"}, "prune.threshold is a str"),
+    ("num_classes", "10", "num_classes is a str"),
+    ("best_acc", [90.0], "best_acc is a list"),
+    ("best_epoch", 2.5, "best_epoch is a float"),
+    ("config", "lr=0.1", "config is a str"),
+])
+def test_hand_edited_fields_are_refused_on_load(tmp_path, field, value, needle):
+    """info/profile/compare read these fields; an edited file fails in one line at load."""
+    path = make_small_checkpoint(tmp_path / "x.pth", width=2)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt[field] = value
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=f"x.pth: {needle}.*edited or damaged"):
+        load_checkpoint(path)
+
+
+def test_a_non_tensor_in_the_state_dict_is_refused_and_lab_tensor_accuracies_load(tmp_path):
+    path = make_small_checkpoint(tmp_path / "x.pth", width=2)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["best_acc"] = torch.tensor(91.5)  # what a lab loop may keep
+    ckpt["history"] = {"test_acc": [torch.tensor(90.0), 91.5]}
+    torch.save(ckpt, path)
+    assert load_checkpoint(path)["best_acc"] == 91.5
+    ckpt["state_dict"]["fc.bias"] = [0.0] * 10
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="state_dict entry 'fc.bias' is a list, not a "
+                                              "tensor"):
+        load_checkpoint(path)

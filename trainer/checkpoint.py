@@ -197,18 +197,51 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         kind = type(raw["state_dict"]).__name__
         raise CheckpointError(f"{path}: 'state_dict' is a {kind}, not a dict")
     state = clean_state_dict(raw["state_dict"])
+    _check_types(path, raw, state)
     try:
         cfg = validate_cfg(raw["cfg"])
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     if "fc.weight" not in state:
         raise CheckpointError(f"{path} has no fc.weight; it is not a {ARCH} state_dict")
-    num_classes = int(raw.get("num_classes", state["fc.weight"].shape[0]))
+    num_classes = raw.get("num_classes", state["fc.weight"].shape[0])
     check_state_dict(state, cfg, num_classes, source=str(path))
     ckpt = dict(raw)
     ckpt.update(format_version=raw.get("format_version", 0), arch=ARCH,
                 num_classes=num_classes, cfg=cfg, state_dict=state)
     return ckpt
+
+
+_NUMBER = (int, float, torch.Tensor)  # a lab file may keep accuracies as 1-element tensors
+# The fields info/profile/compare read, and the types a slimtune or lab file gives them
+# (None is allowed for each). A file edited by hand fails here in one line, not in a report.
+_TYPES = {"num_classes": int, "best_acc": _NUMBER, "best_epoch": int, "history": Mapping,
+          "prune": Mapping, "config": Mapping}
+_PRUNE_TYPES = {"ratio": _NUMBER, "threshold": _NUMBER, "scope": str, "min_channels": int,
+                "source": str, "params_before": int, "params_after": int,
+                "acc_before": _NUMBER, "acc_after": _NUMBER}
+
+
+def _check_types(path, raw: Mapping, state: Mapping) -> None:
+    fields = [(k, raw.get(k), t) for k, t in _TYPES.items()]
+    fields += [(f"prune.{k}", (raw.get("prune") or {}).get(k), t) for k, t in _PRUNE_TYPES.items()
+               if isinstance(raw.get("prune"), Mapping)]
+    if isinstance(raw.get("history"), Mapping):
+        fields += [(f"history.{k}", v, (list, tuple)) for k, v in raw["history"].items()]
+        fields += [(f"history.{k}[{i}]", x, _NUMBER) for k, v in raw["history"].items()
+                   if isinstance(v, (list, tuple)) for i, x in enumerate(v)]
+    for name, value, kind in fields:
+        odd_tensor = isinstance(value, torch.Tensor) and (kind is not _NUMBER or value.numel() != 1)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)
+                                  or odd_tensor):
+            raise CheckpointError(f"{path}: {name} is a {type(value).__name__} ({value!r:.40}), "
+                                  "not what slimtune writes; the file was edited or damaged: "
+                                  "re-create it")
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: state_dict entry {bad!r} is a "
+                              f"{type(state[bad]).__name__}, not a tensor; the file was edited "
+                              "or damaged: re-create it")
 
 
 def _cfg_from_shapes(path: str | os.PathLike, state: Mapping[str, torch.Tensor]) -> list[int]:
