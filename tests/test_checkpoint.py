@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -22,7 +23,7 @@ from trainer.checkpoint import (
     save_checkpoint,
     summarize_history,
 )
-from trainer.cli import run_app
+from trainer.cli import build_app, run_app
 from trainer.errors import CheckpointError
 from trainer.info import describe
 from trainer.models import ResNet50, bn_names, count_params, default_cfg, prunable_indices
@@ -274,7 +275,6 @@ def test_describe_lab_file(tmp_path):
 
 
 def test_info_json_in_process(tmp_path, capsys):
-    from trainer.cli import build_app
 
     path = make_small_checkpoint(tmp_path / "s.pth", width=2, history=HISTORY,
                                  prune={"ratio": 0.5, "threshold": 0.01, "source": "x.pth"})
@@ -380,3 +380,27 @@ def test_a_non_tensor_in_the_state_dict_is_refused_and_lab_tensor_accuracies_loa
     with pytest.raises(CheckpointError, match="state_dict entry 'fc.bias' is a list, not a "
                                               "tensor"):
         load_checkpoint(path)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, capsys):
+    """torch.save on a full disk raises RuntimeError('unexpected pos ...') from the ENOSPC."""
+    src = make_small_checkpoint(tmp_path / "s.pth", width=2)
+    out = tmp_path / "p.pth"
+    out.write_bytes(b"the previous file")
+    real_save = torch.save
+
+    def save_on_full_disk(obj, fh, *args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    monkeypatch.setattr(torch, "save", save_on_full_disk)
+    code = run_app(build_app(), ["prune", "--checkpoint", str(src), "--ratio", "0.5",
+                                 "--output", str(out), "--no-eval", "--cpu"])
+    monkeypatch.setattr(torch, "save", real_save)
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: the disk is full (No space left on device); free some space")
+    assert out.read_bytes() == b"the previous file"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

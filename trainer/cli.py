@@ -22,6 +22,7 @@ import typer
 from trainer import dist
 from trainer.config import RunConfig
 from trainer.errors import UserError
+from trainer.files import disk_full
 
 Dispatch = Callable[[RunConfig], int]
 
@@ -288,11 +289,21 @@ def run_app(app: typer.Typer, argv: list[str] | None = None, prog: str = "slimtu
     except UserError as exc:
         message, code = str(exc), exc.exit_code
     except Exception as exc:  # noqa: BLE001 -- a crash: keep the traceback, name the rank
+        full = disk_full(exc)
+        if full is not None:  # every write is atomic: the files already there are whole
+            return _fail(f"the disk is full ({full.strerror}); free some space, then run again "
+                         "(add --resume to continue a run from its last finished epoch)", 1,
+                         launched)
         _test_report_sleep()
         dist.report_to_launcher(f"{type(exc).__name__}: {exc}", 1)
         print(f"[rank {dist.rank()}] crashed:", file=sys.stderr)
         traceback.print_exc()
         return 1
+    return _fail(message, code, launched)
+
+
+def _fail(message: str, code: int, launched: bool) -> int:
+    """One ``error:`` line (from the main process), and the report the launcher reads."""
     message = " ".join(message.split("\n"))
     dist.report_to_launcher(message, code)
     if not launched and (dist.is_main() or dist.world_size() == 1):

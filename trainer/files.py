@@ -7,6 +7,7 @@ The content goes to a temp file beside the target (``.<name>.<random>.tmp``, the
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -39,6 +40,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def disk_full(exc: BaseException | None) -> OSError | None:
+    """The full-disk (or quota) error behind ``exc``, if any: torch.save wraps it in a
+    RuntimeError ('unexpected pos ...'), so the chain of causes is searched."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _umask() -> int:
