@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from launch.accelerate_config import (
+    MIXED_PRECISIONS,
     build_accelerate_config,
     build_launch_argv,
     dump_yaml,
@@ -123,7 +124,7 @@ def plan_launch(cfg: RunConfig, visible_gpus: int | None = None,
     if cfg.debug:
         return LaunchPlan(cfg)
     if cfg.accelerate_config:
-        return _user_config_plan(cfg)
+        return _user_config_plan(cfg, visible_gpus)
     ids = parse_gpu_ids(cfg.gpu_ids)
     gpus = cfg.gpus if cfg.gpus is not None else (len(ids) if ids else None)
     visible = 0
@@ -154,12 +155,15 @@ def plan_launch(cfg: RunConfig, visible_gpus: int | None = None,
     return _subprocess_plan(cfg, config, default_config_path(cfg, config), write=True)
 
 
-def _user_config_plan(cfg: RunConfig) -> LaunchPlan:
+def _user_config_plan(cfg: RunConfig, visible_gpus: int | None = None) -> LaunchPlan:
     if cfg.gpus is not None or cfg.gpu_ids is not None:
         raise ConfigError("--accelerate-config already fixes the processes and GPUs; drop "
                           "--gpus/--gpu-ids, or drop --accelerate-config to generate one")
     path = Path(cfg.accelerate_config)
     config = load_user_config(path)
+    if not cfg.cpu and config.get("use_cpu") is not True and not cfg.dry_run:
+        visible = _visible_gpus() if visible_gpus is None else visible_gpus
+        _check_user_machine(config, path, visible)
     cfg = cfg.replace(**settings_from_config(config))
     _check_batch(cfg.batch_size, config)
     if cfg.command == "pipeline":
@@ -251,14 +255,120 @@ def load_user_config(path: Path) -> dict:
         raise ConfigError(f"--accelerate-config {path} is not a mapping of settings; {fix}")
     if "distributed_type" not in config:
         raise ConfigError(f"--accelerate-config {path} has no distributed_type; {fix}")
-    try:
-        count = process_count(config)
-    except (TypeError, ValueError):
-        count = -1
-    if count < 1:
+    where = f"--accelerate-config {path}:"
+    _check_user_kind(config["distributed_type"], where)
+    multi = config["distributed_type"] == "MULTI_GPU"
+    if multi and _user_int(config, "num_processes", -1, 1) is None:
         raise ConfigError(f"--accelerate-config {path} needs num_processes >= 1 for "
                           f"distributed_type {config['distributed_type']}; {fix}")
+    _check_user_machines(config, where)
+    _check_user_values(config, where)
     return config
+
+
+# distributed_type values the worker supports. Accelerate turns others into a traceback
+# (unknown names), a job the worker cannot save from (DEEPSPEED, FSDP, ...) or, for
+# MULTI_CPU, ONE process whatever num_processes says.
+USER_DISTRIBUTED_TYPES = ("NO", "MULTI_GPU")
+
+
+def _check_user_kind(kind, where: str) -> None:
+    if kind is False:  # YAML 1.1 reads an unquoted NO as false; Accelerate then crashes
+        raise ConfigError(f"{where} distributed_type: NO reads as false in YAML; quote it: "
+                          "distributed_type: 'NO'")
+    if kind not in USER_DISTRIBUTED_TYPES:
+        raise ConfigError(f"{where} distributed_type {kind!r} is not supported; use 'NO' (one "
+                          "process, or DataParallel over several gpu_ids) or MULTI_GPU (DDP; "
+                          "add use_cpu: true for CPU processes)")
+
+
+def _user_int(config: dict, key: str, default: int, low: int,
+              high: int | None = None) -> int | None:
+    """``config[key]`` as an int in [low, high]; None if it is not one (bools are not)."""
+    value = config.get(key, default)
+    ok = (isinstance(value, int) and not isinstance(value, bool) and value >= low
+          and (high is None or value <= high))
+    return value if ok else None
+
+
+def _check_user_machines(config: dict, where: str) -> None:
+    """num_machines, machine_rank, their split of num_processes, the main machine's address."""
+    machines = _user_int(config, "num_machines", 1, 1)
+    if machines is None:
+        raise ConfigError(f"{where} num_machines {config['num_machines']!r} is not allowed; "
+                          "use a whole number >= 1 (1 for one machine)")
+    if _user_int(config, "machine_rank", 0, 0, machines - 1) is None:
+        raise ConfigError(f"{where} machine_rank {config['machine_rank']!r} is not allowed for "
+                          f"num_machines {machines}; use 0 .. {machines - 1} (0 = main)")
+    total = process_count(config)
+    if config["distributed_type"] == "MULTI_GPU" and total % machines:
+        raise ConfigError(f"{where} num_processes {total} does not split evenly over "
+                          f"num_machines {machines}; use a multiple of {machines} (the total "
+                          "over all machines)")
+    if machines > 1 and not config.get("main_process_ip"):
+        raise ConfigError(f"{where} num_machines {machines} needs main_process_ip; add the "
+                          "address of the machine_rank 0 machine")
+    port = config.get("main_process_port")
+    if port is not None and _user_int(config, "main_process_port", 0, 1, 65535) is None:
+        raise ConfigError(f"{where} main_process_port {port!r} is not a TCP port; use a free "
+                          "port in 1..65535 (e.g. 29500) or leave it out")
+
+
+def _check_user_values(config: dict, where: str) -> None:
+    """mixed_precision, use_cpu and gpu_ids: what settings_from_config, launch_env and
+    Accelerate read."""
+    precision = config.get("mixed_precision")
+    if precision not in (None, False) and precision not in MIXED_PRECISIONS:
+        raise ConfigError(f"{where} mixed_precision {precision!r} is not supported; use "
+                          f"{', '.join(repr(p) for p in MIXED_PRECISIONS)} (quote 'no')")
+    if not isinstance(config.get("use_cpu", False), bool):
+        raise ConfigError(f"{where} use_cpu {config['use_cpu']!r} is not allowed; use true "
+                          "(CPU processes) or false (GPUs)")
+    ids = user_gpu_ids(config, where)
+    local = process_count(config) // _user_int(config, "num_machines", 1, 1)
+    if ids and config["distributed_type"] == "MULTI_GPU" and len(ids) != local:
+        raise ConfigError(f"{where} gpu_ids {_ids_text(ids)} lists {len(ids)} GPUs for "
+                          f"{local} processes per machine; list one GPU per process or write "
+                          "gpu_ids: all")
+
+
+def user_gpu_ids(config: dict, where: str) -> list[int] | None:
+    """The GPU numbers a user's config names; None for ``all`` or none."""
+    value = config.get("gpu_ids")
+    if value is None or str(value).strip().lower() in ("", "all"):
+        return None
+    parts = [p.strip() for p in str(value).split(",")]
+    if isinstance(value, bool) or not all(p.isdigit() for p in parts):
+        raise ConfigError(f"{where} gpu_ids {value!r} is not a list of GPU numbers; write "
+                          "them comma-separated (gpu_ids: 0,1) or write gpu_ids: all")
+    ids = [int(p) for p in parts]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{where} gpu_ids {value!r} names a GPU twice; list each GPU once")
+    return ids
+
+
+def _ids_text(ids: list[int]) -> str:
+    return ",".join(map(str, ids))
+
+
+def _check_user_machine(config: dict, path: Path, visible: int) -> None:
+    """What _check_machine refuses for --gpus/--gpu-ids, for the GPUs a user's config asks of
+    this machine: without it a GPU config on a GPU-less machine quietly ran ONE CPU process."""
+    where = f"--accelerate-config {path}"
+    ids = user_gpu_ids(config, where + ":")
+    machines = _user_int(config, "num_machines", 1, 1)
+    local = (process_count(config) // machines if config["distributed_type"] == "MULTI_GPU"
+             else len(ids or [0]))
+    if visible == 0:
+        raise ConfigError(f"{where} asks for {local} GPU{'s' if local > 1 else ''} but no CUDA "
+                          "GPU is visible on this machine; add --cpu to run on the CPU")
+    if ids and max(ids) >= visible:
+        raise ConfigError(f"{where} uses gpu_ids {_ids_text(ids)} but only {visible} GPUs are "
+                          f"visible (ids 0..{visible - 1}); pick ids below {visible}")
+    if local > visible:
+        raise ConfigError(f"{where} starts {local} GPU processes on this machine but only "
+                          f"{visible} GPUs are visible; use a config for {visible} or fewer "
+                          f"(python -m launch config --gpus {visible})")
 
 
 def through_visible_devices(gpu_ids: str, visible_env: str | None) -> str:

@@ -149,6 +149,11 @@ def _bad_yaml(d: Path) -> None:
     (d / "bad.yaml").write_text("distributed_type: MULTI_GPU\nnum_processes: [2\n")
 
 
+def _fp8_yaml(d: Path) -> None:
+    text = (REPO / "configs" / "accelerate" / "cpu_ddp_2proc.yaml").read_text()
+    (d / "bad.yaml").write_text(text.replace("mixed_precision: 'no'", "mixed_precision: fp8"))
+
+
 @dataclass(frozen=True)
 class Row:
     id: str
@@ -257,6 +262,13 @@ ROWS = [
     Row("accelerate-yaml-malformed", "a malformed --accelerate-config YAML",
         [*FINETUNE, "--accelerate-config", "bad.yaml"], r"bad\.yaml is not valid YAML",
         _bad_yaml),
+    Row("accelerate-yaml-bad-value", "an --accelerate-config YAML value slimtune cannot run "
+        "(e.g. mixed_precision: fp8)", [*FINETUNE, "--accelerate-config", "bad.yaml"],
+        r"bad\.yaml: mixed_precision 'fp8' is not supported", _fp8_yaml),
+    Row("accelerate-yaml-gpus-on-cpu-machine", "an --accelerate-config for GPUs on a machine "
+        "without one", [*[a for a in FINETUNE if a != "--cpu"], "--accelerate-config",
+                        str(REPO / "configs" / "accelerate" / "ddp_2gpu.yaml")],
+        r"ddp_2gpu\.yaml asks for 2 GPUs but no CUDA GPU is visible.*--cpu", gpu_free=True),
 ]
 
 

@@ -419,6 +419,69 @@ def test_bad_user_config_is_one_config_error(tmp_path, content, needle):
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("line, needle", [
+    ("distributed_type: FOO", "distributed_type 'FOO' is not supported; use 'NO' (one"),
+    ("distributed_type: MULTI_CPU", "distributed_type 'MULTI_CPU' is not supported"),
+    ("distributed_type: DEEPSPEED", "distributed_type 'DEEPSPEED' is not supported"),
+    ("distributed_type: NO", "distributed_type: NO reads as false in YAML; quote it"),
+    ("mixed_precision: fp8", "mixed_precision 'fp8' is not supported; use 'no', 'bf16', 'fp16'"),
+    ("num_machines: abc", "num_machines 'abc' is not allowed; use a whole number >= 1"),
+    ("num_machines: 0", "num_machines 0 is not allowed"),
+    ("machine_rank: 1", "machine_rank 1 is not allowed for num_machines 1; use 0 .. 0"),
+    ("machine_rank: x", "machine_rank 'x' is not allowed"),
+    ("num_processes: 2.5", "needs num_processes >= 1"),
+    ("num_processes: '2'", "needs num_processes >= 1"),
+    ("num_processes: true", "needs num_processes >= 1"),
+    ("use_cpu: 'yes'", "use_cpu 'yes' is not allowed; use true"),
+    ("gpu_ids: 0,x", "gpu_ids '0,x' is not a list of GPU numbers"),
+    ("gpu_ids: 0,0", "gpu_ids '0,0' names a GPU twice"),
+    ("gpu_ids: 0,1,2", "gpu_ids 0,1,2 lists 3 GPUs for 2 processes per machine"),
+    ("{num_machines: 2, main_process_ip: h, num_processes: 3}",
+     "num_processes 3 does not split evenly over num_machines 2"),
+    ("num_machines: 2", "num_machines 2 needs main_process_ip"),
+    ("main_process_port: 70000", "main_process_port 70000 is not a TCP port"),
+])
+def test_bad_values_in_a_users_config_are_one_config_error(tmp_path, line, needle):
+    """Accelerate turned these into a traceback (FOO, fp8, NO), the launcher crashed on them
+    (num_machines abc) or the job quietly ran something else (MULTI_CPU: one process)."""
+    config = build_accelerate_config(gpus=2, cpu=True)
+    text = dump_yaml(config) + "\n".join(f"{k}: {json.dumps(v)}" for k, v in
+                                          yaml.safe_load(line).items()) + "\n"
+    if line.startswith("distributed_type: NO"):
+        text = dump_yaml(config).replace("distributed_type: MULTI_GPU", line)
+    path = tmp_path / "user.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        plan(0, accelerate_config=str(path), cpu=True)
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert str(err.value).startswith(f"--accelerate-config {path}")
+
+
+def test_every_example_config_passes_the_checks():
+    for path in sorted((ROOT / "configs" / "accelerate").glob("*.yaml")):
+        launcher.load_user_config(path)
+
+
+@pytest.mark.parametrize("yaml_name, visible, needle", [
+    ("ddp_2gpu.yaml", 0, "ddp_2gpu.yaml asks for 2 GPUs but no CUDA GPU is visible on this "
+                         "machine; add --cpu to run on the CPU"),
+    ("single_gpu.yaml", 0, "single_gpu.yaml asks for 1 GPU but no CUDA GPU is visible"),
+    ("ddp_4gpu.yaml", 2, "ddp_4gpu.yaml starts 4 GPU processes on this machine but only 2 GPUs "
+                         "are visible; use a config for 2 or fewer"),
+    ("ddp_2nodes_4gpu_rank0.yaml", 3, "starts 4 GPU processes on this machine but only 3"),
+    ("dp_4gpu.yaml", 2, "dp_4gpu.yaml uses gpu_ids 0,1,2,3 but only 2 GPUs are visible"),
+])
+def test_a_users_gpu_config_is_refused_where_the_gpus_are_not(yaml_name, visible, needle):
+    """Before, ddp_2gpu.yaml on a GPU-less machine quietly ran ONE CPU process."""
+    path = str(ROOT / "configs" / "accelerate" / yaml_name)
+    with pytest.raises(ConfigError) as err:
+        plan(visible, accelerate_config=path)
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+    for ok in ({"cpu": True}, {"dry_run": True}):  # on the CPU; a preview for another machine
+        assert not plan(visible, accelerate_config=path, batch_size=64, **ok).in_process
+    assert plan(8, accelerate_config=path, batch_size=64).config_path == Path(path)
+
+
 def test_evaluate_argv_passes_the_checkpoint_as_argument():
     p = plan(0, command="evaluate", checkpoint="my ckpt.pth", cpu=True, gpus=2)
     tail = p.argv[p.argv.index("trainer") + 1:]
