@@ -42,7 +42,7 @@ from launch.accelerate_config import (
 )
 from trainer.config import RunConfig
 from trainer.dist import FAILURE_DIR_ENV, is_consequence, is_stop
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, UserError
 
 STOP_WAIT_S = 120.0  # how long to wait for workers to save and exit after a forwarded signal
 
@@ -79,6 +79,9 @@ def dispatch(cfg: RunConfig) -> int:
         from trainer.runner import run_worker  # lazy: the launcher must start fast
 
         return run_worker(plan.cfg)
+    from trainer.runner import preflight
+
+    preflight(plan.cfg)  # bad input: one line here, not one per rank after torchrun's report
     if plan.write:
         try:
             write_config(plan.config, plan.config_path)
@@ -455,18 +458,86 @@ def run_job(argv: list[str], env: dict[str, str], ranks: range | None = None) ->
     by SIGKILL or the out-of-memory killer) is then named instead of a peer that lost it.
     """
     failure_dir = Path(tempfile.mkdtemp(prefix="slimtune-failures-"))
+    relay: list[_StderrRelay] = []
     try:
-        code, signum = _run_forwarding_signals(argv, {**env, FAILURE_DIR_ENV: str(failure_dir)})
+        code, signum = _run_forwarding_signals(argv, {**env, FAILURE_DIR_ENV: str(failure_dir)},
+                                               relay)
+        one = code != 0 and one_user_error(read_failures(failure_dir), signum, ranks)
+        if relay:  # torchrun's failure report only repeats bad input every rank reported
+            relay[0].finish(show_held=not one)
         return _report(code, signum, failure_dir, ranks) if code != 0 else 0
     finally:
         shutil.rmtree(failure_dir, ignore_errors=True)
 
 
-def _run_forwarding_signals(argv: list[str], env: dict[str, str]) -> tuple[int, int | None]:
+class _StderrRelay:
+    """Copies the job's stderr to ours line by line as it comes, holding back torchrun's own
+    failure output: its elastic log lines and the ChildFailedError traceback it prints after
+    every rank ended. ``finish`` prints those unless the launcher's report says it all."""
+
+    ELASTIC = re.compile(r"[IWE]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/")
+
+    def __init__(self, stream) -> None:
+        self.held: list[str] = []
+        self.block: list[str] | None = None  # a traceback, until its exception line
+        self.agent_tail = False  # after ChildFailedError: the agent's summary, to the end
+        self.thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            self._line(line)
+        self._out(self.block or [])
+
+    def _line(self, line: str) -> None:
+        if self.agent_tail or self.ELASTIC.match(line):
+            self.held.append(line)
+        elif self.block is None and line.startswith("Traceback (most recent call last):"):
+            self.block = [line]
+        elif self.block is None:
+            self._out([line])
+        else:  # a traceback ends at its first unindented line (the exception)
+            self.block.append(line)
+            if line[:1].isspace() or line.startswith("Traceback"):
+                return
+            if "ChildFailedError" in line:  # torchrun's: every rank has ended by now
+                self.held += self.block
+                self.agent_tail = True
+            else:  # a rank's crash: shown as it comes
+                self._out(self.block)
+            self.block = None
+
+    @staticmethod
+    def _out(lines: list[str]) -> None:
+        sys.stderr.write("".join(lines))
+        sys.stderr.flush()
+
+    def finish(self, show_held: bool) -> None:
+        self.thread.join(timeout=10)  # EOF once the job's processes are gone
+        if show_held:
+            self._out(self.held)
+
+
+def one_user_error(reports: list[tuple[int, str, int | None]], signum: int | None,
+                   ranks: range | None) -> str | None:
+    """The message when every rank started here reported the same bad input (exit code 2):
+    the ranks check their input alike, and the user should read it once."""
+    if signum is not None or not reports or len({m for _, m, _ in reports}) != 1:
+        return None
+    if any(c != UserError.exit_code for _, _, c in reports):
+        return None
+    if not ranks or not set(ranks) <= {r for r, _, _ in reports}:  # one rank failed alone
+        return None
+    return reports[0][1]
+
+
+def _run_forwarding_signals(argv: list[str], env: dict[str, str],
+                            relay: list | None = None) -> tuple[int, int | None]:
     """Start ``argv`` in its own process group; pass SIGINT/SIGTERM on to that whole group.
 
     Own group: a terminal Ctrl-C then reaches the job once (through us), not twice. Returns the
     exit code (128 + signal for a signal death) and the last signal forwarded, if any.
+    ``relay`` (a list): the job's stderr goes through a _StderrRelay, appended to it.
     """
     state: dict = {"proc": None, "signum": None}
 
@@ -479,8 +550,11 @@ def _run_forwarding_signals(argv: list[str], env: dict[str, str]) -> tuple[int, 
     sigs = (signal.SIGINT, signal.SIGTERM)
     old = {s: signal.signal(s, forward) for s in sigs} if main else {}
     try:
-        state["proc"] = proc = subprocess.Popen(argv, env=env, start_new_session=True,
-                                                preexec_fn=_end_with_launcher())
+        state["proc"] = proc = subprocess.Popen(
+            argv, env=env, start_new_session=True, preexec_fn=_end_with_launcher(),
+            stderr=subprocess.PIPE if relay is not None else None, text=True, errors="replace")
+        if relay is not None:
+            relay.append(_StderrRelay(proc.stderr))
         if state["signum"] is not None:  # arrived while starting
             _killpg(proc.pid, state["signum"])
         code = proc.wait()
@@ -569,6 +643,10 @@ def read_failures(failure_dir: Path) -> list[tuple[int, str, int | None]]:
 def _report(code: int, signum: int | None, failure_dir: Path, ranks: range | None = None) -> int:
     """Print a summary, then how the ranks ended, root cause last; pick the exit code."""
     reports = read_failures(failure_dir)
+    message = one_user_error(reports, signum, ranks)
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+        return UserError.exit_code
     if signum is not None:  # the launcher passed the signal on: one line says it all
         reports = [r for r in reports if not is_stop(r[1])]
     silent = _silent_ranks(reports, ranks) if signum is None else []

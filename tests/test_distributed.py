@@ -28,7 +28,7 @@ from torch import nn
 from launch import launcher
 from launch.accelerate_config import build_accelerate_config
 from launch.launcher import free_port
-from tests.fakedata import write_fake_cifar10
+from tests.fakedata import truncate_file, write_fake_cifar10
 from tests.helpers import FAST, REPO, cli_env, communicate_all, make_small_checkpoint, run_cli
 from trainer.checkpoint import (
     build_model,
@@ -341,6 +341,68 @@ def test_a_failing_rank_ends_the_job_quickly_and_is_named_last(inputs, tmp_path)
     assert last == ("error: rank 1 failed: RuntimeError: injected failure on rank 1 "
                     "(SLIMTUNE_TEST_FAIL_RANK)"), result.stderr[-2000:]
     assert not (out / "x.pth").exists()
+
+
+@pytest.mark.slow  # the first case starts no process (~3 s); the second ~10-20 s
+def test_bad_input_of_a_two_process_job_is_one_line(inputs, tmp_path):
+    """Before: torchrun's ChildFailedError traceback, then the error once per rank (~45
+    lines). Missing data is now found before any process starts (nothing written); a truncated
+    CIFAR file, which only reading finds, is reported by every rank alike and printed once."""
+    args = [*finetune_args(inputs, tmp_path / "out"), "--gpus", "2"]
+    missing = run_cli(*[a if a != str(inputs.data) else "nope" for a in args], cwd=tmp_path,
+                      timeout=TIMEOUT)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        "error: CIFAR-10 not found in nope (download disabled); put cifar-10-batches-py/ in "
+        "nope or pass --data-dir"]
+    assert list(tmp_path.iterdir()) == []  # not even the Accelerate config
+    data = tmp_path / "data"
+    write_fake_cifar10(data, n_per_batch=20, n_test=N_TEST)
+    truncate_file(data / "cifar-10-batches-py" / "data_batch_3", 0.5)
+    truncated = run_cli(*[a if a != str(inputs.data) else str(data) for a in args],
+                        cwd=tmp_path, timeout=TIMEOUT)
+    assert truncated.returncode == 2
+    lines = [ln for ln in truncated.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {data}/cifar-10-batches-py/"
+                                                   "data_batch_3 is truncated"), lines
+    assert "Traceback" not in truncated.stdout + truncated.stderr
+
+
+def test_preflight_refuses_what_every_rank_would(inputs, tmp_path):
+    """The launcher's pre-flight: the ranks' own checks, made once, reading no dataset file."""
+    from tests.fakedata import write_imagefolder
+    from trainer.errors import UserError
+    from trainer.runner import preflight
+
+    write_imagefolder(tmp_path / "images", classes=3, per_class=2)
+    base = RunConfig(command="finetune", checkpoint=str(inputs.ckpt), data_dir=str(inputs.data),
+                     download=False)
+    preflight(base)  # all there
+    preflight(base.replace(data_dir=str(tmp_path / "none"), download=True))  # rank 0 fetches it
+    preflight(base.replace(command="prune", data_dir=str(tmp_path / "none")))  # data optional
+    for change, needle in [
+        ({"checkpoint": str(tmp_path / "nope.pth")}, "nope.pth does not exist"),
+        ({"data_dir": str(tmp_path / "none")}, "CIFAR-10 not found in"),
+        ({"dataset": "imagefolder", "data_dir": str(tmp_path / "images")},
+         "the imagefolder data has 3 classes but checkpoint"),
+        ({"dataset": "imagefolder", "data_dir": str(tmp_path)}, "image folder"),
+        ({"command": "train", "init": str(inputs.ckpt), "dataset": "cifar100"}, "CIFAR-100 not"),
+        ({"dataset": "synthetic", "synthetic_train": 0}, "synthetic data needs"),
+    ]:
+        with pytest.raises(UserError, match=needle):
+            preflight(base.replace(**change))
+
+
+def test_report_of_the_same_bad_input_on_every_rank_is_one_line(tmp_path, capsys):
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}.txt").write_text("no data in d; pass --data-dir\nexit_code=2\n")
+    assert launcher._report(1, None, tmp_path, range(2)) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: no data in d; pass --data-dir"]
+    (tmp_path / "rank1.txt").write_text("no data in e; pass --data-dir\nexit_code=2\n")
+    assert launcher._report(1, None, tmp_path, range(2)) == 2  # two messages: one per rank
+    assert capsys.readouterr().err.splitlines() == [
+        "error: rank 0 failed: no data in d; pass --data-dir",
+        "error: rank 1 failed: no data in e; pass --data-dir"]
 
 
 def test_report_puts_the_root_cause_last_and_returns_its_code(tmp_path, capsys):

@@ -515,7 +515,9 @@ def test_unwritable_config_folder_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setattr(launcher, "run_job", lambda *a: pytest.fail("launched anyway"))
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    cfg = RunConfig(cpu=True, gpus=2, output=str(blocker / "m.pth"))
+    # train on synthetic data: inputs the launcher's pre-flight finds usable
+    cfg = RunConfig(command="train", dataset="synthetic", cpu=True, gpus=2,
+                    output=str(blocker / "m.pth"))
     with pytest.raises(ConfigError, match="cannot write the Accelerate config .*; pick a"):
         launcher.dispatch(cfg)
 
@@ -558,6 +560,36 @@ def test_run_job_without_failure_file_summarises_the_exit_code(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: the launched job failed with exit code 3")
     assert launcher.run_job(_python("pass"), dict(os.environ)) == 0
+
+
+_TORCHRUN_FAILURE = """
+    import os, sys, pathlib
+    d = pathlib.Path(os.environ["SLIMTUNE_FAILURE_DIR"])
+    for rank in (0, 1):
+        (d / f"rank{rank}.txt").write_text("no data in d; pass --data-dir\\nexit_code=CODE\\n")
+    print("worker noise", file=sys.stderr)
+    print("W1128 14:35:52.044000 2153 torch/distributed/elastic/multiprocessing/api.py:1028] "
+          "Sending process 2159 closing signal SIGTERM", file=sys.stderr)
+    print("Traceback (most recent call last):\\n  File 'x', line 1, in <module>\\n"
+          "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \\n"
+          "=====\\ntrainer FAILED\\n=====", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("code", [2, 1])
+def test_torchruns_report_is_held_back_when_every_rank_said_the_same(capsys, code):
+    """Bad input that every rank reported (exit code 2) is one line; torchrun's traceback and
+    log lines only repeat it. Any other failure still shows them, then the ranks' lines."""
+    child = _python(_TORCHRUN_FAILURE.replace("CODE", str(code)))
+    assert launcher.run_job(child, dict(os.environ), ranks=range(2)) == code
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == "worker noise"  # the job's own output still comes through
+    if code == 2:
+        assert err.splitlines()[1:] == ["error: no data in d; pass --data-dir"]
+    else:
+        assert "closing signal SIGTERM" in err and "ChildFailedError" in err
+        assert err.splitlines()[-1] == "error: rank 1 failed: no data in d; pass --data-dir"
 
 
 def test_sigint_is_forwarded_to_the_job_and_its_code_returned(tmp_path):

@@ -101,6 +101,25 @@ def build_datasets(name: str, data_dir: str, *, image_size: int = 32, download: 
     raise DataError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
 
 
+def dataset_classes(name: str, data_dir: str, *, image_size: int = 32, download: bool = True,
+                    synthetic_train: int = 5000, synthetic_test: int = 1000) -> int | None:
+    """The class count of dataset ``name``, from the cheap checks of :func:`build_datasets`
+    (files and folders there, sizes sane; nothing is read, downloaded or written); None when
+    it is yet to be downloaded. DataError for what build_datasets would refuse the same way.
+    """
+    if name in _CIFAR:
+        there = _cifar_there(name, data_dir, image_size, download)
+        if there:
+            _check_cifar_present(*_CIFAR[name][:2], data_dir)
+        return _CIFAR[name][3] if there else None
+    if name == "imagefolder":
+        return _imagefolder_classes(Path(data_dir))
+    if name == "synthetic":
+        _check_synthetic(image_size, synthetic_train, synthetic_test)
+        return synthetic.NUM_CLASSES
+    raise DataError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+
+
 # --------------------------------------------------------------------------- CIFAR
 
 
@@ -190,15 +209,26 @@ def _download_cifar(cls: type, title: str, data_dir: str) -> None:
         socket.setdefaulttimeout(old)
 
 
+def _cifar_file_names(cls: type) -> list[str]:
+    return [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+
+
+def _check_cifar_present(cls: type, title: str, data_dir: str) -> None:
+    """Every CIFAR file is there (without reading them)."""
+    folder = Path(data_dir) / cls.base_folder
+    for fname in _cifar_file_names(cls):
+        if not (folder / fname).is_file():
+            raise DataError(f"{title} folder {folder} is incomplete (no {fname}); delete it "
+                            "and download the dataset again")
+
+
 def _check_cifar_files(cls: type, title: str, data_dir: str, label_key: str,
                        num_classes: int) -> None:
     """Every file present, loadable with the safe unpickler and shaped like CIFAR."""
     folder = Path(data_dir) / cls.base_folder
-    for fname, _ in cls.train_list + cls.test_list + [(cls.meta["filename"], None)]:
+    _check_cifar_present(cls, title, data_dir)
+    for fname in _cifar_file_names(cls):
         path = folder / fname
-        if not path.is_file():
-            raise DataError(f"{title} folder {folder} is incomplete (no {fname}); delete it "
-                            "and download the dataset again")
         entry = _safe_unpickle(path)
         key = "data" if fname != cls.meta["filename"] else cls.meta["key"]
         if not isinstance(entry, dict) or key not in entry:
@@ -228,15 +258,24 @@ def _check_cifar_labels(path: Path, labels, title: str, num_classes: int) -> Non
                         f"{title} file: delete it and download the dataset again")
 
 
-def _build_cifar(name: str, data_dir: str, image_size: int, download: bool) -> Datasets:
-    cls, title, label_key, num_classes, mean, std = _CIFAR[name]
+def _cifar_there(name: str, data_dir: str, image_size: int, download: bool) -> bool:
+    """True if the CIFAR folder exists; DataError if it cannot be used and is not to be
+    downloaded (False: download it)."""
+    cls, title = _CIFAR[name][:2]
     if image_size != 32:
         raise DataError(f"{title} images are 32x32 but image size {image_size} was asked; "
                         "pass --image-size 32")
-    if not (Path(data_dir) / cls.base_folder).is_dir():
-        if not download:
-            raise DataError(f"{title} not found in {data_dir} (download disabled); put "
-                            f"{cls.base_folder}/ in {data_dir} or pass --data-dir")
+    if (Path(data_dir) / cls.base_folder).is_dir():
+        return True
+    if not download:
+        raise DataError(f"{title} not found in {data_dir} (download disabled); put "
+                        f"{cls.base_folder}/ in {data_dir} or pass --data-dir")
+    return False
+
+
+def _build_cifar(name: str, data_dir: str, image_size: int, download: bool) -> Datasets:
+    cls, title, label_key, num_classes, mean, std = _CIFAR[name]
+    if not _cifar_there(name, data_dir, image_size, download):
         _download_cifar(cls, title, data_dir)
     _check_cifar_files(cls, title, data_dir, label_key, num_classes)
     try:  # the files passed the safe unpickler above, so torchvision's pickle.load is safe
@@ -261,11 +300,15 @@ def _arrays(images: np.ndarray, labels) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------- synthetic
 
 
-def _build_synthetic(image_size: int, n_train: int, n_test: int, seed: int) -> Datasets:
+def _check_synthetic(image_size: int, n_train: int, n_test: int) -> None:
     if n_train < 1 or n_test < 1 or image_size < 8:
         raise DataError(f"synthetic data needs train/test sizes >= 1 and image size >= 8 (got "
                         f"{n_train}/{n_test}, {image_size}); pass positive --synthetic-train/"
                         "--synthetic-test and --image-size >= 8")
+
+
+def _build_synthetic(image_size: int, n_train: int, n_test: int, seed: int) -> Datasets:
+    _check_synthetic(image_size, n_train, n_test)
     xtr, ytr = synthetic.make_synthetic(n_train, seed, image_size)
     xte, yte = synthetic.make_synthetic(n_test, seed + synthetic.TEST_SEED_OFFSET, image_size)
     mean, std = synthetic.MEAN, synthetic.STD
@@ -307,9 +350,22 @@ def _image_split(root: Path, size: int, train: bool) -> torchvision.datasets.Dat
     return ds
 
 
+def _test_split_name(root: Path) -> str:
+    return "val" if (root / "val").is_dir() or not (root / "test").is_dir() else "test"
+
+
+def _imagefolder_classes(root: Path) -> int:
+    """Class folders of train/ (the splits must exist); the images are not listed."""
+    for split in ("train", _test_split_name(root)):
+        if not (root / split).is_dir():
+            raise DataError(f"image folder {root / split} not found; create "
+                            f"{root / split}/<class>/<images> or pass --data-dir")
+    return len([e for e in os.scandir(root / "train") if e.is_dir()])
+
+
 def _build_imagefolder(data_dir: str, image_size: int) -> Datasets:
     root = Path(data_dir)
-    test_name = "val" if (root / "val").is_dir() or not (root / "test").is_dir() else "test"
+    test_name = _test_split_name(root)
     train = _image_split(root / "train", image_size, train=True)
     test = _image_split(root / test_name, image_size, train=False)
     if train.classes != test.classes:

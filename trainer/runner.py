@@ -134,6 +134,38 @@ def _check_pipeline_ratios(ratios: tuple[float, ...]) -> None:
                           "twice; give each ratio once")
 
 
+def input_checkpoint(cfg: RunConfig) -> str | None:
+    """The checkpoint a command starts from (train: --init), defaults applied; None if none."""
+    if cfg.command == "train":
+        return cfg.init
+    defaults = {"finetune": "checkpoints/model_prune.pth", "prune": "checkpoints/model_sparse.pth"}
+    return cfg.checkpoint or defaults.get(cfg.command)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """The input checks each rank makes first, made once by the launcher before a job of
+    several processes starts: a bad checkpoint or a missing dataset is then one line, with no
+    process started and no file written, not one report per rank after torchrun's own.
+
+    Reads the input checkpoint (safe loader) and looks for the dataset's files without
+    reading them; what only reading finds (a truncated CIFAR file) is still the ranks' to say.
+    """
+    from trainer.data import dataset_classes
+
+    src = input_checkpoint(cfg)
+    ckpt = load_checkpoint(src) if src else None
+    if cfg.command == "prune":  # prune measures accuracy only if it can: data is optional
+        return
+    classes = dataset_classes(cfg.dataset, cfg.data_dir, image_size=cfg.image_size,
+                              download=cfg.download, synthetic_train=cfg.synthetic_train,
+                              synthetic_test=cfg.synthetic_test)
+    if ckpt is not None and classes is not None and classes != ckpt["num_classes"]:
+        what = f"--init {src}" if cfg.command == "train" else f"checkpoint {src}"
+        raise DataError(f"the {cfg.dataset} data has {classes} classes but {what} has "
+                        f"{ckpt['num_classes']}; use a matching --dataset/--data-dir or "
+                        "checkpoint")
+
+
 def ensure_writable(folder: Path) -> None:
     """Create ``folder`` and prove a file can be written there (root ignores mode bits)."""
     try:
