@@ -10,6 +10,7 @@ each row is still its own test.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import pickle
 import re
@@ -162,6 +163,7 @@ class Row:
     needle: str  # regex the error line must match (names the problem)
     setup: Callable[[Path], None] | None = None
     gpu_free: bool = False  # only meaningful on a machine without CUDA GPUs
+    absent: str | None = None  # only meaningful where this module is not installed
 
 
 ROWS = [
@@ -251,6 +253,9 @@ ROWS = [
         r"(?i)Missing argument 'checkpoint'"),
     Row("dp-compile", "DataParallel with --compile (or --mixed-precision)",
         [*FINETUNE, "--mode", "dp", "--compile"], r"--mode dp runs in FP32 without --compile"),
+    Row("tracker-missing", "--log-with names a tracker that is not installed",
+        [*FINETUNE, "--log-with", "mlflow"], r"--log-with mlflow: mlflow is not installed",
+        absent="mlflow"),
     Row("ratios-empty", "pipeline --ratios is empty",
         ["pipeline", "--ratios", "", "--dataset", "synthetic", "--cpu"], r"--ratios is empty"),
     Row("ratios-twice", "pipeline --ratios names a ratio twice",
@@ -319,6 +324,8 @@ def outcomes(request, tmp_path_factory) -> dict[str, Outcome]:
 def test_bad_input_row(row: Row, outcomes: dict[str, Outcome]):
     if row.gpu_free and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
+    if row.absent and importlib.util.find_spec(row.absent):
+        pytest.skip(f"{row.absent} is installed here")
     out = outcomes[row.id]
     assert out.code == 2, (out.code, out.stderr[-3000:])
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]

@@ -87,9 +87,25 @@ def validate(cfg: RunConfig) -> None:
         _check_pipeline_ratios(cfg.ratios)
     if cfg.command == "pipeline" and (cfg.train_epochs < 1 or cfg.finetune_epochs < 1):
         raise ConfigError("--train-epochs and --finetune-epochs need at least 1 epoch")
+    if cfg.log_with:
+        _check_tracker(cfg.log_with)
     if cfg.scope not in ("all", "prunable"):
         raise ConfigError(f"--scope {cfg.scope!r}: use all or prunable; see --help")
     _check_written_files(cfg)
+
+
+def _check_tracker(name: str) -> None:
+    """Accelerate only warns and runs on untracked when a tracker is missing; refuse instead."""
+    import accelerate.utils
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    if name != "all" and name not in LOGGER_TYPE_TO_CLASS:
+        raise ConfigError(f"--log-with {name!r} is not an Accelerate tracker; use one of "
+                          f"{', '.join(LOGGER_TYPE_TO_CLASS)}")
+    available = getattr(accelerate.utils, f"is_{name}_available", None)
+    if available is not None and not available():
+        raise ConfigError(f"--log-with {name}: {name} is not installed; pip install {name} "
+                          "or leave out --log-with")
 
 
 def written_files(cfg: RunConfig) -> list[tuple[str, Path]]:
