@@ -207,15 +207,19 @@ def _worker_interface(command: str) -> tuple[frozenset[str] | None, tuple[str, .
 def default_config_path(cfg: RunConfig, config: dict) -> Path:
     """Where a generated config goes: next to the run's outputs.
 
-    Folder: that of ``--output``, or ``<workdir>/checkpoints`` for pipeline and runs without
-    ``--output``. Name: ``accelerate_<kind>_<N><unit>[_node<R>].yaml`` with kind ddp, cpu_ddp,
+    Folder: that of the run's best checkpoint (``--output`` or the command's default, e.g.
+    beside ``--checkpoint`` for finetune), or ``<workdir>/checkpoints`` for pipeline and
+    evaluate. Name: ``accelerate_<kind>_<N><unit>[_node<R>].yaml`` with kind ddp, cpu_ddp,
     dp or single; N = processes (``proc``) or, for dp, GPUs (``gpu``); ``_node<R>`` on several
     machines (their files may share a network folder).
     """
-    if cfg.command == "pipeline" or not cfg.output:
+    from trainer.runner import output_path
+
+    out = output_path(cfg)
+    if cfg.command == "pipeline" or out is None:
         folder = Path(cfg.workdir) / "checkpoints"
     else:
-        folder = Path(cfg.output).parent
+        folder = out.parent
     n = process_count(config)
     if n > 1:
         kind = "cpu_ddp" if config.get("use_cpu") else "ddp"

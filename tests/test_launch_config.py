@@ -345,6 +345,14 @@ def test_default_uses_every_visible_gpu_with_ddp(tmp_path):
     assert "--gpus" not in p.argv and p.env == {}
 
 
+def test_the_config_goes_beside_the_default_output_too():
+    """finetune without --output writes <checkpoint stem>_finetune.pth beside the checkpoint."""
+    p = plan(2, checkpoint="sub/model_prune.pth", output=None)
+    assert p.config_path == Path("sub/accelerate_ddp_2proc.yaml")
+    p = plan(2, command="train", output=None, sparsity=1e-4)
+    assert p.config_path == Path("checkpoints/accelerate_ddp_2proc.yaml")
+
+
 def test_dp_over_several_gpus_is_a_launched_single_process():
     p = plan(4, mode="dp", gpus=3)
     assert not p.in_process and p.config["distributed_type"] == "NO"
