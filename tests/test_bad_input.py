@@ -146,6 +146,11 @@ def _plots_is_a_file(d: Path) -> None:
     (d / "plots").write_text("not a folder")
 
 
+def _interrupted_run(d: Path) -> None:
+    (d / "out").mkdir()
+    torch.save({"epoch": 1, "finished": False, "config": {"epochs": 3}}, d / "out" / "x.last.pth")
+
+
 def _bad_yaml(d: Path) -> None:
     (d / "bad.yaml").write_text("distributed_type: MULTI_GPU\nnum_processes: [2\n")
 
@@ -253,6 +258,9 @@ ROWS = [
         r"(?i)Missing argument 'checkpoint'"),
     Row("dp-compile", "DataParallel with --compile (or --mixed-precision)",
         [*FINETUNE, "--mode", "dp", "--compile"], r"--mode dp runs in FP32 without --compile"),
+    Row("forgotten-resume", "a fresh start where an interrupted run's resume state lies",
+        FINETUNE, r"out/x\.last\.pth holds an interrupted run \(1 of 3 epochs done\); add "
+        r"--resume", _interrupted_run),
     Row("tracker-missing", "--log-with names a tracker that is not installed",
         [*FINETUNE, "--log-with", "mlflow"], r"--log-with mlflow: mlflow is not installed",
         absent="mlflow"),

@@ -150,6 +150,20 @@ def test_resume_without_a_resume_state_is_refused(root, tmp_path):
     assert not (root / "fresh" / "out" / "x.pth").exists()
 
 
+@pytest.mark.slow  # ~15 s
+def test_a_fresh_start_does_not_discard_an_interrupted_run(root):
+    """A forgotten --resume would have wiped the resume state (and the CSV) at once."""
+    killed = _run(root, "forgot", *SINGLE, faults={"SLIMTUNE_TEST_KILL_AT": "2:1"})
+    assert killed.returncode != 0 and _state(root, "forgot") == (1, 1)
+    before = _digest(root / "forgot")
+    again = _run(root, "forgot", *SINGLE)
+    assert again.returncode == 2, again.stderr[-2000:]
+    lines = [ln for ln in again.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "x.last.pth holds an interrupted run (1 of 3 epochs done)" in \
+        lines[0] and "add --resume" in lines[0], again.stderr
+    assert _digest(root / "forgot") == before
+
+
 # 2-process gloo DDP through the launcher.
 DDP_KILLS = [
     ({"SLIMTUNE_TEST_KILL_AT": "2:3:1"}, (1, 1)),  # rank 1 SIGKILLed mid-epoch 2

@@ -102,6 +102,18 @@ def _restore(path: Path, state: dict, saved: dict, cfg: RunConfig, model: nn.Mod
                           "--resume") from None
 
 
+def _keep_interrupted_run(last: Path) -> None:
+    """A fresh start would discard an interrupted run's resume state: a forgotten --resume
+    must not cost the epochs already trained."""
+    if not last.exists():
+        return
+    state = safe_torch_load(last, what="resume state")
+    if isinstance(state, dict) and state.get("finished") is False:
+        done, total = state.get("epoch"), (state.get("config") or {}).get("epochs")
+        raise ConfigError(f"{last} holds an interrupted run ({done} of {total} epochs done); "
+                          f"add --resume to continue it, or delete {last.name} to start over")
+
+
 def _clean_stale_temps(paths: dict[str, Path]) -> None:
     """Temp files of this run's writes that a SIGKILL interrupted (the real files are intact).
 
@@ -117,7 +129,11 @@ def fit(model: nn.Module, optimizer, *, accelerator, cfg: RunConfig, train_loade
     """Train for ``cfg.epochs``; keep the best checkpoint (by test accuracy) at ``output``."""
     paths = run_paths(output)
     main = dist.is_main()
-    state = load_resume(paths["last"], cfg, model, optimizer) if cfg.resume else FitState()
+    if cfg.resume:
+        state = load_resume(paths["last"], cfg, model, optimizer)
+    else:
+        _keep_interrupted_run(paths["last"])
+        state = FitState()
     if main:
         output.parent.mkdir(parents=True, exist_ok=True)
         _clean_stale_temps(paths)

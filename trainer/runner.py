@@ -430,8 +430,8 @@ def cmd_prune(cfg: RunConfig, accelerator, plots_dir: Path = Path("plots")) -> d
     if output.resolve() == Path(src).resolve():
         raise ConfigError(f"--output {output} is the input checkpoint; choose another path")
     ensure_writable(output.parent)
-    ensure_writable(plots_dir)
     result = prune(model, cfg.ratio, scope=cfg.scope, min_channels=cfg.min_channels)
+    ensure_writable(plots_dir)  # after prune's own checks: a refused prune creates no folder
     acc_before = acc_after = None
     if cfg.eval:
         try:
