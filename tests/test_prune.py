@@ -273,3 +273,20 @@ def test_prune_refuses_non_finite_gamma_and_writes_nothing(tmp_path, monkeypatch
     with pytest.raises(CheckpointError, match="not finite"):
         runner.run_worker(prune_cfg(tmp_path, tmp_path, output=str(out), eval=False))
     assert not out.exists() and not (tmp_path / "plots").exists()
+
+
+def test_ties_at_the_threshold_are_counted_and_named(tmp_path, monkeypatch, capsys):
+    """Half the bn1/bn2 γ are equal: ratio 0.3 lands on the tie, and all of it goes."""
+    monkeypatch.chdir(tmp_path)
+    model = randomize(ResNet50(cfg=small_cfg(4)))
+    bns = batchnorms(model)
+    with torch.no_grad():
+        for i in prunable_indices():  # 32 layers of 4: two tied γ, two larger ones
+            bns[i][1].weight.copy_(torch.tensor([0.5, 0.5, 0.8, 0.9]))
+    save_checkpoint(tmp_path / "model_sparse.pth", make_checkpoint(model))
+    cfg = prune_cfg(tmp_path, tmp_path, output=str(tmp_path / "p.pth"), eval=False,
+                    scope="prunable", ratio=0.3)
+    assert runner.run_worker(cfg) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "note: 64 channels have |γ| equal to the threshold" in text
+    assert "so 50.0% of the prunable channels went at ratio 0.3" in text

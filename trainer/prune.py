@@ -30,6 +30,7 @@ class PruneResult:
     threshold: float
     masks: list[torch.Tensor]
     kept_min: list[str] = field(default_factory=list)  # layers saved by --min-channels
+    ties: int = 0  # channels whose |gamma| equals the threshold (all removed: "strictly above")
     params_before: int = 0
     params_after: int = 0
 
@@ -123,8 +124,9 @@ def prune(model: torch.nn.Module, ratio: float, *, scope: str = "all",
     threshold = global_threshold(model, ratio, scope)
     masks, rescued = channel_masks(model, threshold, min_channels)
     new = apply_masks(model, masks)
+    ties = int((all_gammas(model, scope) == threshold).sum())
     return PruneResult(model=new, cfg=new.cfg, threshold=threshold, masks=masks,
-                       kept_min=rescued, params_before=count_params(unwrap_model(model)),
+                       kept_min=rescued, ties=ties, params_before=count_params(unwrap_model(model)),
                        params_after=count_params(new))
 
 

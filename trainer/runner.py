@@ -485,6 +485,11 @@ def _print_prune_summary(result, meta: dict, output: Path, gamma_png: Path) -> N
         say(f"[yellow]note:[/] only {100 * removed:.1f}% of the prunable (bn1/bn2) channels "
             f"were removed at ratio {meta['ratio']:g}: the threshold fell among the stem/bn3 γ, "
             "which are never pruned; --scope prunable ranks bn1/bn2 only")
+    if result.ties > 1 and removed > meta["ratio"] + 0.02:
+        # e.g. γ that only the L1 term moved, by the same steps: equal to many digits
+        say(f"[yellow]note:[/] {result.ties} channels have |γ| equal to the threshold and are "
+            f"removed with it (only |γ| strictly above is kept), so {100 * removed:.1f}% of the "
+            f"prunable channels went at ratio {meta['ratio']:g}; train longer or lower --ratio")
     if result.kept_min:
         say(f"[yellow]note:[/] the threshold would have emptied {len(result.kept_min)} layer(s); "
             f"kept their {meta['min_channels']} largest-|γ| channel(s): "
