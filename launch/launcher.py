@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import io
 import os
 import re
 import shlex
@@ -127,7 +128,7 @@ def plan_launch(cfg: RunConfig, visible_gpus: int | None = None,
     if cfg.debug:
         return LaunchPlan(cfg)
     if cfg.accelerate_config:
-        return _user_config_plan(cfg, visible_gpus)
+        return _user_config_plan(cfg, visible_gpus, environ.get("CUDA_VISIBLE_DEVICES"))
     ids = parse_gpu_ids(cfg.gpu_ids)
     gpus = cfg.gpus if cfg.gpus is not None else (len(ids) if ids else None)
     visible = 0
@@ -158,7 +159,8 @@ def plan_launch(cfg: RunConfig, visible_gpus: int | None = None,
     return _subprocess_plan(cfg, config, default_config_path(cfg, config), write=True)
 
 
-def _user_config_plan(cfg: RunConfig, visible_gpus: int | None = None) -> LaunchPlan:
+def _user_config_plan(cfg: RunConfig, visible_gpus: int | None = None,
+                      visible_env: str | None = None) -> LaunchPlan:
     if cfg.gpus is not None or cfg.gpu_ids is not None:
         raise ConfigError("--accelerate-config already fixes the processes and GPUs; drop "
                           "--gpus/--gpu-ids, or drop --accelerate-config to generate one")
@@ -166,7 +168,7 @@ def _user_config_plan(cfg: RunConfig, visible_gpus: int | None = None) -> Launch
     config = load_user_config(path)
     if not cfg.cpu and config.get("use_cpu") is not True and not cfg.dry_run:
         visible = _visible_gpus() if visible_gpus is None else visible_gpus
-        _check_user_machine(config, path, visible)
+        _check_user_machine(config, path, visible, visible_env)
     cfg = cfg.replace(**settings_from_config(config))
     _check_batch(cfg.batch_size, config)
     if cfg.command == "pipeline":
@@ -358,9 +360,13 @@ def _ids_text(ids: list[int]) -> str:
     return ",".join(map(str, ids))
 
 
-def _check_user_machine(config: dict, path: Path, visible: int) -> None:
+def _check_user_machine(config: dict, path: Path, visible: int,
+                        visible_env: str | None = None) -> None:
     """What _check_machine refuses for --gpus/--gpu-ids, for the GPUs a user's config asks of
-    this machine: without it a GPU config on a GPU-less machine quietly ran ONE CPU process."""
+    this machine: without it a GPU config on a GPU-less machine quietly ran ONE CPU process.
+
+    A config's gpu_ids become CUDA_VISIBLE_DEVICES as they are (physical numbers), so under
+    a narrowed CUDA_VISIBLE_DEVICES they must be among its entries, else below ``visible``."""
     where = f"--accelerate-config {path}"
     ids = user_gpu_ids(config, where + ":")
     machines = _user_int(config, "num_machines", 1, 1)
@@ -369,7 +375,11 @@ def _check_user_machine(config: dict, path: Path, visible: int) -> None:
     if visible == 0:
         raise ConfigError(f"{where} asks for {local} GPU{'s' if local > 1 else ''} but no CUDA "
                           "GPU is visible on this machine; add --cpu to run on the CPU")
-    if ids and max(ids) >= visible:
+    allowed = [v.strip() for v in (visible_env or "").split(",") if v.strip()]
+    if ids and allowed and not {str(i) for i in ids} <= set(allowed):
+        raise ConfigError(f"{where} uses gpu_ids {_ids_text(ids)} but CUDA_VISIBLE_DEVICES="
+                          f"{','.join(allowed)}; list GPUs from it, or gpu_ids: all")
+    if ids and not allowed and max(ids) >= visible:
         raise ConfigError(f"{where} uses gpu_ids {_ids_text(ids)} but only {visible} GPUs are "
                           f"visible (ids 0..{visible - 1}); pick ids below {visible}")
     if local > visible:
@@ -513,8 +523,11 @@ class _StderrRelay:
 
     @staticmethod
     def _out(lines: list[str]) -> None:
-        sys.stderr.write("".join(lines))
-        sys.stderr.flush()
+        try:
+            sys.stderr.write("".join(lines))
+            sys.stderr.flush()
+        except (OSError, ValueError):  # our stderr is gone: keep draining, or the ranks block
+            pass
 
     def finish(self, show_held: bool) -> None:
         self.thread.join(timeout=10)  # EOF once the job's processes are gone
@@ -556,9 +569,10 @@ def _run_forwarding_signals(argv: list[str], env: dict[str, str],
     try:
         state["proc"] = proc = subprocess.Popen(
             argv, env=env, start_new_session=True, preexec_fn=_end_with_launcher(),
-            stderr=subprocess.PIPE if relay is not None else None, text=True, errors="replace")
-        if relay is not None:
-            relay.append(_StderrRelay(proc.stderr))
+            stderr=subprocess.PIPE if relay is not None else None)
+        if relay is not None:  # newline="": a progress bar's \r stays in its line
+            relay.append(_StderrRelay(io.TextIOWrapper(proc.stderr, errors="replace",
+                                                       newline="")))
         if state["signum"] is not None:  # arrived while starting
             _killpg(proc.pid, state["signum"])
         code = proc.wait()

@@ -257,7 +257,8 @@ ROWS = [
     Row("cli-missing-argument", "a command without its required argument", ["info"],
         r"(?i)Missing argument 'checkpoint'"),
     Row("dp-compile", "DataParallel with --compile (or --mixed-precision)",
-        [*FINETUNE, "--mode", "dp", "--compile"], r"--mode dp runs in FP32 without --compile"),
+        ["finetune", "--checkpoint", "start.pth", *DATA, "--gpus", "2", "--mode", "dp",
+         "--compile"], r"--mode dp runs in FP32 without --compile"),
     Row("forgotten-resume", "a fresh start where an interrupted run's resume state lies",
         FINETUNE, r"out/x\.last\.pth holds an interrupted run \(1 of 3 epochs done\); add "
         r"--resume", _interrupted_run),

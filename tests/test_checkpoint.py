@@ -374,7 +374,13 @@ def test_a_non_tensor_in_the_state_dict_is_refused_and_lab_tensor_accuracies_loa
     ckpt["best_acc"] = torch.tensor(91.5)  # what a lab loop may keep
     ckpt["history"] = {"test_acc": [torch.tensor(90.0), 91.5]}
     torch.save(ckpt, path)
-    assert load_checkpoint(path)["best_acc"] == 91.5
+    loaded = load_checkpoint(path)  # plain floats from here on (info --json, reports)
+    assert loaded["best_acc"] == 91.5 and type(loaded["best_acc"]) is float
+    assert loaded["history"]["test_acc"] == [90.0, 91.5]
+    assert all(type(x) is float for x in loaded["history"]["test_acc"])
+    ckpt["num_classes"] = None  # absent in effect: fc.weight says how many
+    torch.save(ckpt, path)
+    assert load_checkpoint(path)["num_classes"] == 10
     ckpt["state_dict"]["fc.bias"] = [0.0] * 10
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match="state_dict entry 'fc.bias' is a list, not a "

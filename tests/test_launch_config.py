@@ -6,6 +6,7 @@ and two simulated machines on 127.0.0.1) and check that each process saw world s
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -600,6 +601,19 @@ def test_torchruns_report_is_held_back_when_every_rank_said_the_same(capsys, cod
         assert err.splitlines()[-1] == "error: rank 1 failed: no data in d; pass --data-dir"
 
 
+def test_the_stderr_relay_keeps_progress_bars_and_drains_when_our_stderr_is_gone(
+        capsys, monkeypatch):
+    bar = _python('import sys; sys.stderr.write("10%\\r50%\\r100%\\n")')
+    assert launcher.run_job(bar, dict(os.environ), ranks=range(1)) == 0
+    assert capsys.readouterr().err == "10%\r50%\r100%\n"  # one line, redrawn in place
+    gone = open(os.devnull, "w")
+    gone.close()  # writing raises ValueError, like a closed terminal's EIO
+    monkeypatch.setattr(sys, "stderr", gone)
+    # 400 KB: far more than a pipe holds, so the job would block if nobody read on
+    chatty = _python('import sys\nfor _ in range(4000): print("x" * 99, file=sys.stderr)')
+    assert launcher.run_job(chatty, dict(os.environ), ranks=range(1)) == 0
+
+
 def test_sigint_is_forwarded_to_the_job_and_its_code_returned(tmp_path):
     ready, got = tmp_path / "ready", tmp_path / "got"
     child = _python(f"""
@@ -715,3 +729,20 @@ def test_dry_run_previews_a_gpu_layout_on_a_machine_without_gpus():
     assert p.config["num_processes"] == 4 and p.config["distributed_type"] == "MULTI_GPU"
     with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
         plan(visible=0, gpus=4)
+
+
+def test_a_users_gpu_ids_are_physical_under_a_narrowed_cuda_visible_devices(tmp_path):
+    """Accelerate passes gpu_ids on as CUDA_VISIBLE_DEVICES: under CUDA_VISIBLE_DEVICES=2,3
+    (a scheduler's share) a config for GPUs 2,3 is right, and one for 0,1 is someone else's."""
+    path = tmp_path / "u.yaml"
+    config = launcher.load_user_config(ROOT / "configs" / "accelerate" / "ddp_2gpu.yaml")
+    for ids, ok in (("2,3", True), ("0,1", False)):
+        path.write_text(yaml.safe_dump({**config, "gpu_ids": ids}))
+        run = functools.partial(plan, 2, environ={"CUDA_VISIBLE_DEVICES": "2,3"},
+                                accelerate_config=str(path), batch_size=64)
+        if ok:
+            assert run().config["gpu_ids"] == "2,3"
+        else:
+            with pytest.raises(ConfigError, match=r"gpu_ids 0,1 but CUDA_VISIBLE_DEVICES=2,3; "
+                                                  r"list GPUs from it"):
+                run()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import FAST, make_small_checkpoint, run_cli, small_cfg
+from tests.helpers import FAST, cli_env, make_small_checkpoint, run_cli, small_cfg
 from trainer.checkpoint import (
     load_checkpoint,
     make_checkpoint,
@@ -60,6 +60,32 @@ def _check_pipeline_resume(tmp_path: Path) -> None:
         r = run_cli(*PIPELINE, "--resume", *extra, cwd=tmp_path, timeout=200)
         assert_one_line_error(r, "pipeline --resume refused:", *needles, "--force-resume")
     assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
+    # the same folder spelt absolute is the same study
+    r = run_cli(*PIPELINE, "--resume", "--workdir", tmp_path / "w", cwd=tmp_path, timeout=200)
+    assert r.returncode == 0 and "epoch 1/1" not in r.stdout, r.stdout[-2000:] + r.stderr
+    # forced: a changed fine-tune lr redoes the fine-tunes (from the start), nothing else
+    r = run_cli(*PIPELINE, "--resume", "--force-resume", "--finetune-lr", "0.01", cwd=tmp_path,
+                timeout=200)
+    assert r.returncode == 0 and r.stdout.count("epoch 1/1") == 2, r.stdout[-2000:] + r.stderr
+    for name in ("model_sparse.pth", "model_prune_30.pth", "model_prune_60.pth"):
+        assert (ck / name).read_bytes() == before[name], name
+    tuned = load_checkpoint(ck / "model_prune_30_finetune.pth")
+    assert tuned["config"]["lr"] == 0.01 and tuned["history"]["lr"] == [0.01]
+
+
+@pytest.mark.slow
+def test_pipeline_without_resume_refuses_to_redo_an_interrupted_study(tmp_path):
+    """Checked before any stage: the sparse model and pruned files are not redone first."""
+    args = [*PIPELINE[:PIPELINE.index("--train-epochs")], "--train-epochs", "2",
+            *PIPELINE[PIPELINE.index("--train-epochs") + 2:]]
+    r = run_cli(*args, cwd=tmp_path, timeout=200, env=cli_env(SLIMTUNE_TEST_KILL_AT="2:1"))
+    assert r.returncode != 0
+    last = tmp_path / "w" / "checkpoints" / "model_sparse.last.pth"
+    before = last.read_bytes()
+    r = run_cli(*args, cwd=tmp_path, timeout=200)
+    assert_one_line_error(r, "model_sparse.last.pth holds an interrupted run (1 of 2 epochs "
+                          "done); add --resume")
+    assert last.read_bytes() == before and "== 1." not in r.stdout
 
 
 def _check_pipeline_outputs(tmp_path: Path, r) -> None:

@@ -204,11 +204,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: {exc}") from None
     if "fc.weight" not in state:
         raise CheckpointError(f"{path} has no fc.weight; it is not a {ARCH} state_dict")
-    num_classes = raw.get("num_classes", state["fc.weight"].shape[0])
+    num_classes = raw.get("num_classes")
+    if num_classes is None:
+        num_classes = int(state["fc.weight"].shape[0])
     check_state_dict(state, cfg, num_classes, source=str(path))
     ckpt = dict(raw)
     ckpt.update(format_version=raw.get("format_version", 0), arch=ARCH,
                 num_classes=num_classes, cfg=cfg, state_dict=state)
+    if isinstance(raw.get("best_acc"), torch.Tensor):  # a lab file's: plain values from here on
+        ckpt["best_acc"] = raw["best_acc"].item()
+    if isinstance(raw.get("history"), Mapping):
+        ckpt["history"] = {k: [x.item() if isinstance(x, torch.Tensor) else x for x in v]
+                           for k, v in raw["history"].items()}
     return ckpt
 
 

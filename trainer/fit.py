@@ -4,7 +4,6 @@ curves. All file writes happen on the main process; every rank runs every collec
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from trainer.engine import (
     train_one_epoch,
     write_csv,
 )
-from trainer.errors import ConfigError, StopRequested, TrainingError
+from trainer.errors import CheckpointError, ConfigError, StopRequested, TrainingError
 from trainer.gpu_loader import derive_seed
 from trainer.models import unwrap_model
 from trainer.progress import EpochProgress, say
@@ -60,9 +59,11 @@ def resume_mismatch(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
 
 
 def _same_setting(key: str, a: Any, b: Any) -> bool:
-    """Paths compare by their normal form: './data' and 'data' are one folder."""
+    """Paths compare resolved: './data', 'data' and its absolute path are one folder."""
     if key in PATH_FIELDS and isinstance(a, str) and isinstance(b, str):
-        return os.path.normpath(a) == os.path.normpath(b)
+        return Path(a).resolve() == Path(b).resolve()
+    if key == "loader" and "auto" in (a, b):  # files saved before the loader was resolved
+        return True
     return a == b
 
 
@@ -102,16 +103,23 @@ def _restore(path: Path, state: dict, saved: dict, cfg: RunConfig, model: nn.Mod
                           "--resume") from None
 
 
-def _keep_interrupted_run(last: Path) -> None:
-    """A fresh start would discard an interrupted run's resume state: a forgotten --resume
-    must not cost the epochs already trained."""
+def keep_interrupted_run(last: Path, cfg: RunConfig) -> None:
+    """Refuse a fresh start that would discard an interrupted run that ``--resume`` could
+    continue (a forgotten --resume must not cost the epochs trained). Other settings, or a
+    file that is no resume state, mean a new run: it replaces them."""
     if not last.exists():
         return
-    state = safe_torch_load(last, what="resume state")
-    if isinstance(state, dict) and state.get("finished") is False:
-        done, total = state.get("epoch"), (state.get("config") or {}).get("epochs")
-        raise ConfigError(f"{last} holds an interrupted run ({done} of {total} epochs done); "
-                          f"add --resume to continue it, or delete {last.name} to start over")
+    try:
+        state = safe_torch_load(last, what="resume state")
+    except CheckpointError:
+        return
+    if not isinstance(state, dict) or state.get("finished") is not False:
+        return
+    if resume_mismatch(state.get("config") or {}, cfg):
+        return
+    done, total = state.get("epoch"), (state.get("config") or {}).get("epochs")
+    raise ConfigError(f"{last} holds an interrupted run ({done} of {total} epochs done); "
+                      f"add --resume to continue it, or delete {last.name} to start over")
 
 
 def _clean_stale_temps(paths: dict[str, Path]) -> None:
@@ -132,7 +140,7 @@ def fit(model: nn.Module, optimizer, *, accelerator, cfg: RunConfig, train_loade
     if cfg.resume:
         state = load_resume(paths["last"], cfg, model, optimizer)
     else:
-        _keep_interrupted_run(paths["last"])
+        keep_interrupted_run(paths["last"], cfg)
         state = FitState()
     if main:
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ each -> compare, with every output under ``<workdir>/checkpoints`` and ``<workdi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainer import dist
@@ -10,7 +11,7 @@ from trainer.checkpoint import load_checkpoint, safe_torch_load
 from trainer.config import RunConfig
 from trainer.engine import run_paths
 from trainer.errors import ConfigError
-from trainer.fit import resume_mismatch
+from trainer.fit import keep_interrupted_run, resume_mismatch
 from trainer.progress import console, say
 from trainer.runner import cmd_finetune, cmd_prune, cmd_train, ensure_writable, loader_kind
 
@@ -20,11 +21,40 @@ def ratio_tag(ratio: float) -> str:
     return f"{ratio * 100:g}"
 
 
+@dataclass
+class Stages:
+    """Each stage's output and settings: what it runs, and what --resume compares."""
+
+    sparse: Path
+    train: RunConfig
+    ratios: list[tuple[float, Path, RunConfig, Path, RunConfig]]  # ratio, pruned, prune, tuned, ft
+
+
+def plan_stages(cfg: RunConfig, ckpts: Path) -> Stages:
+    sparse = ckpts / "model_sparse.pth"
+    train = cfg.replace(command="train", epochs=cfg.train_epochs, lr=cfg.train_lr,
+                        optimizer="sgd", weight_decay=1e-4, warmup_epochs=cfg.warmup_epochs,
+                        output=str(sparse), plot=None, checkpoint=None, init=None)
+    ratios = []
+    for ratio in cfg.ratios:
+        pruned = ckpts / f"model_prune_{ratio_tag(ratio)}.pth"
+        tuned = ckpts / f"model_prune_{ratio_tag(ratio)}_finetune.pth"
+        prune = cfg.replace(command="prune", ratio=ratio, checkpoint=str(sparse),
+                            output=str(pruned), plot=None)
+        ft = cfg.replace(command="finetune", checkpoint=str(pruned), output=str(tuned),
+                         epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, optimizer="adam",
+                         batch_size=cfg.finetune_batch_size, weight_decay=0.0,
+                         warmup_epochs=0.0, sparsity=0.0, plot=None)
+        ratios.append((ratio, pruned, prune, tuned, ft))
+    return Stages(sparse, train, ratios)
+
+
 def stage_action(cfg: RunConfig, stage_cfg: RunConfig, output: Path, upstream_ran: bool) -> str:
     """'skip', 'resume' or 'fresh' for a train/fine-tune stage under ``pipeline [--resume]``.
 
-    A finished stage is skipped only if it ran with the settings asked now; a stage whose
-    input was just remade starts afresh. An unfinished one resumes (fit checks its settings).
+    A finished stage is skipped only if it ran with the settings asked now; forced on, it
+    trains on for more epochs, else afresh. A stage whose input was just remade starts afresh;
+    an unfinished one resumes (fit checks its settings).
     """
     last = run_paths(output)["last"]
     if not cfg.resume or upstream_ran or not last.exists():
@@ -32,8 +62,10 @@ def stage_action(cfg: RunConfig, stage_cfg: RunConfig, output: Path, upstream_ra
     state = safe_torch_load(last, what="resume state")
     if not (state.get("finished") and output.exists()):
         return "resume"
-    changed = _changed(cfg, output, resume_mismatch(state.get("config", {}), stage_cfg))
-    return "resume" if changed else "skip"  # forced: fit() continues it with these settings
+    diffs = _changed(cfg, output, resume_mismatch(state.get("config", {}), stage_cfg))
+    if not diffs:
+        return "skip"
+    return "resume" if all(d.startswith("epochs:") for d in diffs) else "fresh"
 
 
 def reusable_prune(cfg: RunConfig, prune_cfg: RunConfig, pruned: Path,
@@ -50,14 +82,21 @@ def reusable_prune(cfg: RunConfig, prune_cfg: RunConfig, pruned: Path,
     return None if changed else ckpt["prune"]  # forced: pruned again with these settings
 
 
-def _changed(cfg: RunConfig, output: Path, diffs: list[str]) -> bool:
-    """Whether ``output`` was made with other settings; refused unless --force-resume:
-    --resume must not pass off files made with other settings as this study's."""
+def _changed(cfg: RunConfig, output: Path, diffs: list[str]) -> list[str]:
+    """``diffs``, refused unless --force-resume: --resume must not pass off files made with
+    other settings as this study's."""
     if diffs and not cfg.force_resume:
         raise ConfigError(f"pipeline --resume refused: {output.name} was made with other "
                           f"settings ({'; '.join(diffs)}); rerun with the same settings, add "
                           "--force-resume or use a new --workdir")
-    return bool(diffs)
+    return diffs
+
+
+def _drop_stale_state(output: Path) -> None:
+    """The resume state of a stage whose input was just remade continues nothing."""
+    if dist.is_main():
+        run_paths(output)["last"].unlink(missing_ok=True)
+    dist.barrier()  # no rank looks for it before it is gone
 
 
 def run_pipeline(cfg: RunConfig, accelerator) -> list[dict]:
@@ -68,33 +107,27 @@ def run_pipeline(cfg: RunConfig, accelerator) -> list[dict]:
     ckpts, plots = work / "checkpoints", work / "plots"
     ensure_writable(ckpts)
     ensure_writable(plots)
-    sparse = ckpts / "model_sparse.pth"
-    train_cfg = cfg.replace(command="train", epochs=cfg.train_epochs, lr=cfg.train_lr,
-                            optimizer="sgd", weight_decay=1e-4, warmup_epochs=cfg.warmup_epochs,
-                            output=str(sparse), plot=None, checkpoint=None, init=None)
+    stages = plan_stages(cfg, ckpts)
+    if not cfg.resume:  # before any stage redoes the work of an interrupted study
+        for output, stage_cfg in [(stages.sparse, stages.train),
+                                  *[(t, f) for _, _, _, t, f in stages.ratios]]:
+            keep_interrupted_run(run_paths(output)["last"], stage_cfg)
     _stage(f"1. sparse training ({cfg.train_epochs} epochs, λ={cfg.sparsity:g})")
-    action = stage_action(cfg, train_cfg, sparse, upstream_ran=False)
+    action = stage_action(cfg, stages.train, stages.sparse, upstream_ran=False)
     if action != "skip":
-        cmd_train(train_cfg.replace(resume=action == "resume"), accelerator, plots)
+        cmd_train(stages.train.replace(resume=action == "resume"), accelerator, plots)
     trained = action != "skip"
     rows = []
-    for ratio in cfg.ratios:
-        tag = ratio_tag(ratio)
-        pruned = ckpts / f"model_prune_{tag}.pth"
+    for ratio, pruned, prune_cfg, tuned, ft_cfg in stages.ratios:
         _stage(f"2. prune {ratio:g} -> {pruned.name}")
-        prune_cfg = cfg.replace(command="prune", ratio=ratio, checkpoint=str(sparse),
-                                output=str(pruned), plot=None)
         meta = reusable_prune(cfg, prune_cfg, pruned, upstream_ran=trained)
         remade = meta is None
         if remade:
             meta = cmd_prune(prune_cfg, accelerator, plots)
         _stage(f"3. fine-tune {pruned.name} ({cfg.finetune_epochs} epochs)")
-        tuned = ckpts / f"model_prune_{tag}_finetune.pth"
-        ft_cfg = cfg.replace(command="finetune", checkpoint=str(pruned), output=str(tuned),
-                             epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, optimizer="adam",
-                             batch_size=cfg.finetune_batch_size,
-                             weight_decay=0.0, warmup_epochs=0.0, sparsity=0.0, plot=None)
         action = stage_action(cfg, ft_cfg, tuned, upstream_ran=remade)
+        if action == "fresh" and cfg.resume:
+            _drop_stale_state(tuned)
         if action != "skip":
             cmd_finetune(ft_cfg.replace(resume=action == "resume"), accelerator, plots)
         best = load_checkpoint(tuned)
@@ -103,7 +136,7 @@ def run_pipeline(cfg: RunConfig, accelerator) -> list[dict]:
     dist.barrier()
     if dist.is_main():
         _print_rows(rows)
-        finish_study(cfg, sparse, rows, plots)
+        finish_study(cfg, stages.sparse, rows, plots)
     return rows
 
 

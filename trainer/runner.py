@@ -70,7 +70,9 @@ def validate(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message + "; see --help")
-    if cfg.mode == "dp" and (cfg.compile or cfg.mixed_precision != "no"):
+    several = cfg.gpus is None or cfg.gpus > 1 or "," in (cfg.gpu_ids or "")  # None: all
+    dp = cfg.mode == "dp" and not cfg.cpu and several
+    if dp and (cfg.compile or cfg.mixed_precision != "no"):
         # DataParallel copies the module per GPU per step: the copies of a compiled module
         # wipe its parameters, and Accelerate's autocast forward stays bound to GPU 0's model
         raise ConfigError("--mode dp runs in FP32 without --compile; use --mode ddp for "
