@@ -148,7 +148,9 @@ def _plots_is_a_file(d: Path) -> None:
 
 def _interrupted_run(d: Path) -> None:
     (d / "out").mkdir()
-    torch.save({"epoch": 1, "finished": False, "config": {"epochs": 3}}, d / "out" / "x.last.pth")
+    # as the same command's run wrote it (its settings match), killed after epoch 1 of 3
+    torch.save({"epoch": 1, "finished": False, "config": {"epochs": 3, "lr": 0.001}},
+               d / "out" / "x.last.pth")
 
 
 def _bad_yaml(d: Path) -> None:
@@ -260,8 +262,9 @@ ROWS = [
         ["finetune", "--checkpoint", "start.pth", *DATA, "--gpus", "2", "--mode", "dp",
          "--compile"], r"--mode dp runs in FP32 without --compile"),
     Row("forgotten-resume", "a fresh start where an interrupted run's resume state lies",
-        FINETUNE, r"out/x\.last\.pth holds an interrupted run \(1 of 3 epochs done\); add "
-        r"--resume", _interrupted_run),
+        _set(FINETUNE, "--epochs", "3"),
+        r"out/x\.last\.pth holds an interrupted run \(1 of 3 epochs done\); add --resume",
+        _interrupted_run),
     Row("tracker-missing", "--log-with names a tracker that is not installed",
         [*FINETUNE, "--log-with", "mlflow"], r"--log-with mlflow: mlflow is not installed",
         absent="mlflow"),
