@@ -472,13 +472,11 @@ def run_job(argv: list[str], env: dict[str, str], ranks: range | None = None) ->
     by SIGKILL or the out-of-memory killer) is then named instead of a peer that lost it.
     """
     failure_dir = Path(tempfile.mkdtemp(prefix="slimtune-failures-"))
-    relay: list[_StderrRelay] = []
     try:
-        code, signum = _run_forwarding_signals(argv, {**env, FAILURE_DIR_ENV: str(failure_dir)},
-                                               relay)
+        code, signum, relay = _run_forwarding_signals(
+            argv, {**env, FAILURE_DIR_ENV: str(failure_dir)})
         one = code != 0 and one_user_error(read_failures(failure_dir), signum, ranks)
-        if relay:  # torchrun's failure report only repeats bad input every rank reported
-            relay[0].finish(show_held=not one)
+        relay.finish(show_held=not one)  # torchrun's report only repeats what every rank said
         return _report(code, signum, failure_dir, ranks) if code != 0 else 0
     finally:
         shutil.rmtree(failure_dir, ignore_errors=True)
@@ -548,13 +546,13 @@ def one_user_error(reports: list[tuple[int, str, int | None]], signum: int | Non
     return reports[0][1]
 
 
-def _run_forwarding_signals(argv: list[str], env: dict[str, str],
-                            relay: list | None = None) -> tuple[int, int | None]:
+def _run_forwarding_signals(argv: list[str],
+                            env: dict[str, str]) -> tuple[int, int | None, _StderrRelay]:
     """Start ``argv`` in its own process group; pass SIGINT/SIGTERM on to that whole group.
 
     Own group: a terminal Ctrl-C then reaches the job once (through us), not twice. Returns the
-    exit code (128 + signal for a signal death) and the last signal forwarded, if any.
-    ``relay`` (a list): the job's stderr goes through a _StderrRelay, appended to it.
+    exit code (128 + signal for a signal death), the last signal forwarded, if any, and the
+    _StderrRelay the job's stderr goes through.
     """
     state: dict = {"proc": None, "signum": None}
 
@@ -569,10 +567,9 @@ def _run_forwarding_signals(argv: list[str], env: dict[str, str],
     try:
         state["proc"] = proc = subprocess.Popen(
             argv, env=env, start_new_session=True, preexec_fn=_end_with_launcher(),
-            stderr=subprocess.PIPE if relay is not None else None)
-        if relay is not None:  # newline="": a progress bar's \r stays in its line
-            relay.append(_StderrRelay(io.TextIOWrapper(proc.stderr, errors="replace",
-                                                       newline="")))
+            stderr=subprocess.PIPE)
+        # newline="": a progress bar's \r stays in its line
+        relay = _StderrRelay(io.TextIOWrapper(proc.stderr, errors="replace", newline=""))
         if state["signum"] is not None:  # arrived while starting
             _killpg(proc.pid, state["signum"])
         code = proc.wait()
@@ -581,7 +578,7 @@ def _run_forwarding_signals(argv: list[str], env: dict[str, str],
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-    return (128 - code if code < 0 else code), state["signum"]
+    return (128 - code if code < 0 else code), state["signum"], relay
 
 
 def _end_with_launcher():

@@ -129,7 +129,7 @@ def written_files(cfg: RunConfig) -> list[tuple[str, Path]]:
 
 def _check_written_files(cfg: RunConfig) -> None:
     """No run writes over its input or onto a folder (found before any work, not after it)."""
-    src = cfg.init if cfg.command == "train" else cfg.checkpoint
+    src = input_checkpoint(cfg)
     for what, path in written_files(cfg):
         if src and path.resolve() == Path(src).resolve():
             raise ConfigError(f"{what} {path} is the input checkpoint; choose another path "
@@ -208,7 +208,7 @@ def output_path(cfg: RunConfig) -> Path | None:
     if cfg.command == "prune":
         return Path("checkpoints/model_prune.pth")
     if cfg.command == "finetune":
-        src = Path(cfg.checkpoint or "checkpoints/model_prune.pth")
+        src = Path(input_checkpoint(cfg))
         return src.with_name(src.stem + "_finetune.pth")
     if cfg.command == "pipeline":
         return Path(cfg.workdir) / "checkpoints" / "model_sparse.pth"
@@ -377,7 +377,7 @@ def cmd_train(cfg: RunConfig, accelerator, plots_dir: Path = Path("plots")):
 
 
 def cmd_finetune(cfg: RunConfig, accelerator, plots_dir: Path = Path("plots")):
-    src = cfg.checkpoint or "checkpoints/model_prune.pth"
+    src = input_checkpoint(cfg)
     cfg = cfg.replace(checkpoint=src)
     ckpt = load_checkpoint(src)
     data = load_data(cfg)
@@ -425,7 +425,7 @@ def cmd_evaluate(cfg: RunConfig, accelerator, as_json: bool = False) -> dict:
 def cmd_prune(cfg: RunConfig, accelerator, plots_dir: Path = Path("plots")) -> dict:
     from trainer.prune import all_gammas, prune
 
-    src = cfg.checkpoint or "checkpoints/model_sparse.pth"
+    src = input_checkpoint(cfg)
     ckpt = load_checkpoint(src)
     model = build_model(ckpt)
     output = output_path(cfg)
