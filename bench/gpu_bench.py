@@ -94,7 +94,7 @@ def training_section(args, accelerator, models: dict) -> dict[str, Any]:
             cases.append(bench.model_limit_case(model, cfg, device, args.steps,
                                                 f"{name}/model_limit"))
             cases += [bench.loop_case(model, cfg, accelerator, data, kind, f"{name}/loop_{kind}")
-                      for kind in bench.LOADERS]
+                      for kind in bench.LOADER_KINDS]
             cases.append(bench.inference_case(model, cfg, device, args.steps,
                                               f"{name}/inference"))
         res = bench.measure(cases, args.repeats, device)
@@ -106,7 +106,7 @@ def training_section(args, accelerator, models: dict) -> dict[str, Any]:
 
 def model_figures(res: dict, name: str) -> dict[str, Any]:
     limit = res[f"{name}/model_limit"]["img_s"]
-    loops = {k: res[f"{name}/loop_{k}"]["img_s"] for k in bench.LOADERS}
+    loops = {k: res[f"{name}/loop_{k}"]["img_s"] for k in bench.LOADER_KINDS}
     mine = {k.split("/", 1)[1]: v for k, v in res.items() if k.startswith(name + "/")}
     return {"model_limit_img_s": limit, "loop_img_s": loops,
             "loop_over_model_limit": {k: v / limit for k, v in loops.items()},
@@ -117,7 +117,7 @@ def model_figures(res: dict, name: str) -> dict[str, Any]:
 
 def epoch_figures(args, accelerator, model, kind: str, compile_: bool) -> dict[str, Any]:
     """One epoch over EPOCH_IMAGES (first epoch apart), then the test-set evaluation."""
-    from trainer.runner import evaluate_model
+    from trainer.commands import evaluate_model
 
     images, test = (16, 16) if args.quick else (EPOCH_IMAGES, TEST_IMAGES)
     batch = 8 if args.quick else RECIPE_BATCH
@@ -189,7 +189,7 @@ def run_ddp(args, n: int, batch: int, timeout: float) -> dict[str, Any]:
 def ddp_worker(args) -> None:
     """One torchrun rank: the gpu-loader loop of the pruned model under DDP."""
     from trainer import dist
-    from trainer.runner import end_run, make_accelerator
+    from trainer.runtime import end_run, make_accelerator
 
     batch = args.batches[0]
     cfg = bench.run_config(options(args, batch), mode="ddp", loader="gpu")
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.__main__ import leave
 
         leave(0)  # as the real worker leaves (no gloo group destroy: it deadlocked on torch 2.4)
-    from trainer.runner import make_accelerator
+    from trainer.runtime import make_accelerator
 
     clock = Clock(args.budget_s)
     accelerator = make_accelerator(bench.run_config(options(args, args.batches[0])))

@@ -23,31 +23,34 @@ from typing import Any
 
 import yaml
 
-from trainer.config import RunConfig, worker_fields
+from trainer.config import MIXED_PRECISIONS, MODES, RunConfig, worker_fields
 from trainer.errors import ConfigError
 from trainer.files import atomic_write_text
 
-MODES = ("ddp", "dp")
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
 LAUNCH_MODULE = "accelerate.commands.launch"
 
 
-def parse_gpu_ids(text: str | None) -> list[int] | None:
-    """``"0,2"`` -> ``[0, 2]``; None or blank -> None. Raises ConfigError on anything else."""
-    if text is None or not str(text).strip():
+def parse_gpu_ids(value: object, flag: str = "--gpu-ids",
+                  example: str = "e.g. --gpu-ids 0,2") -> list[int] | None:
+    """GPU numbers from ``"0,2"`` (``--gpu-ids`` or a config's ``gpu_ids``): ``[0, 2]``; None
+    for none, blank or ``all``. ConfigError naming ``flag`` for anything else or a repeat."""
+    if value is None or str(value).strip().lower() in ("", "all"):
         return None
-    parts = [p.strip() for p in str(text).split(",")]
-    if not all(p.isdigit() for p in parts):
-        raise ConfigError(f"--gpu-ids {text!r} is not a list of GPU numbers; "
-                          "write them comma-separated, e.g. --gpu-ids 0,2")
-    return [int(p) for p in parts]
+    parts = [p.strip() for p in str(value).split(",")]
+    if isinstance(value, bool) or not all(p.isdigit() for p in parts):
+        raise ConfigError(f"{flag} {value!r} is not a list of GPU numbers; write them "
+                          f"comma-separated, {example}")
+    ids = [int(p) for p in parts]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{flag} {value!r} names a GPU twice; list each GPU once")
+    return ids
 
 
 def _validate_gpu_ids(gpu_ids: list[int], gpus: int) -> None:
     if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in gpu_ids):
         raise ConfigError(f"--gpu-ids {gpu_ids} has an id that is not a GPU number; "
                           "use numbers >= 0, e.g. --gpu-ids 0,2")
-    if len(set(gpu_ids)) != len(gpu_ids):
+    if len(set(gpu_ids)) != len(gpu_ids):  # ids given as a list, not parsed from text
         raise ConfigError(f"--gpu-ids {_join(gpu_ids)} names a GPU twice; list each GPU once")
     if len(gpu_ids) != gpus:
         raise ConfigError(f"--gpu-ids {_join(gpu_ids)} lists {len(gpu_ids)} GPUs but --gpus is "
@@ -154,17 +157,30 @@ def write_config(config: dict, path: str | os.PathLike, header: str | None = Non
 
 
 def build_launch_argv(config_path: str | os.PathLike, command: str, worker_args: list[str], *,
-                      python: str = sys.executable, target: str = "trainer",
-                      module: bool = True) -> list[str]:
-    """``python -m accelerate.commands.launch --config_file X -m trainer <command> <args>``.
+                      threads: int, python: str = sys.executable) -> list[str]:
+    """``python -m accelerate.commands.launch --config_file X --num_cpu_threads_per_process T
+    -m trainer <command> <args>``.
 
     Runs Accelerate through the interpreter (no ``accelerate`` executable on PATH needed).
-    ``target`` is the module (``module=True``) or script path to start. Every value is its own
-    argv item; nothing goes through a shell.
+    ``threads``: CPU threads per process (OMP_NUM_THREADS of each rank); passed always, so
+    Accelerate picks no default of its own. Every value is its own argv item; nothing goes
+    through a shell.
     """
-    argv = [python, "-m", LAUNCH_MODULE, "--config_file", str(config_path)]
-    argv += ["-m", target] if module else [str(target)]
-    return argv + [command, *[str(a) for a in worker_args]]
+    return [python, "-m", LAUNCH_MODULE, "--config_file", str(config_path),
+            "--num_cpu_threads_per_process", str(threads), "-m", "trainer", command,
+            *[str(a) for a in worker_args]]
+
+
+def threads_per_process(config: dict, environ: dict[str, str]) -> int:
+    """CPU threads for each process this machine starts: the user's OMP_NUM_THREADS if set,
+    else this machine's cores over its processes (at least 1): Accelerate's own default put
+    2 threads on each of 2 processes on a 2-core machine."""
+    if str(environ.get("OMP_NUM_THREADS", "")).isdigit() and int(environ["OMP_NUM_THREADS"]):
+        return int(environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    machines = max(int(config.get("num_machines", 1)), 1)
+    local = max(process_count(config) // machines, 1)
+    return max((cores or 1) // local, 1)
 
 
 def launch_env(config: dict, cpu: bool) -> dict[str, str]:
@@ -193,7 +209,8 @@ def worker_argv(cfg: RunConfig, options: Collection[str] | None = None,
     Options follow RunConfig's field order: ``--<name-with-dashes> value``; booleans as
     ``--flag`` / ``--no-flag``; tuples comma-joined; None values left out. ``options`` limits
     them to the fields a command accepts (None: every worker field); ``positional`` names
-    fields the command takes as arguments (e.g. evaluate's checkpoint), in order.
+    fields the command takes as arguments (e.g. evaluate's checkpoint), in order. The
+    launcher passes ``trainer.options.accepted(command)``.
     """
     argv = [cfg.command]
     argv += [_option_value(getattr(cfg, n)) for n in positional if getattr(cfg, n) is not None]

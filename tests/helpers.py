@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 
 from trainer.checkpoint import make_checkpoint, save_checkpoint
-from trainer.models import ResNet50, default_cfg, prunable_indices
+from trainer.models import ResNet50, default_widths, prunable_indices
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def small_cfg(width: int = 4) -> list[int]:
     """A heavily pruned cfg: every bn1/bn2 at ``width`` channels (fast on CPU)."""
-    cfg = default_cfg()
+    cfg = default_widths()
     for i in prunable_indices():
         cfg[i] = width
     return cfg
@@ -32,9 +32,19 @@ def make_small_checkpoint(path: Path, width: int = 4, num_classes: int = 10, see
     return Path(path)
 
 
+# Fault-injection variables (tests/_inject/sitecustomize.py reads them; the product never does).
+FAULT_VARS = ("SLIMTUNE_TEST_KILL_AT", "SLIMTUNE_TEST_KILL_IN_SAVE", "SLIMTUNE_TEST_FAIL_RANK",
+              "SLIMTUNE_TEST_NAN_RANK", "SLIMTUNE_TEST_STEP_SLEEP", "SLIMTUNE_TEST_SAVE_SLEEP",
+              "SLIMTUNE_TEST_REPORT_SLEEP", "SLIMTUNE_TEST_WORKER_DIES_LATE")
+INJECT = REPO / "tests" / "_inject"
+
+
 def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    """The environment of a CLI subprocess; with fault variables in ``extra``, tests/_inject
+    goes on PYTHONPATH so that its sitecustomize patches the faults in."""
+    env = {k: v for k, v in os.environ.items() if k not in FAULT_VARS}
+    paths = [str(REPO)] + ([str(INJECT)] if set(extra) & set(FAULT_VARS) else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")  # 2-core machine: ranks must not oversubscribe
     env.update(extra)
     return env

@@ -1,4 +1,4 @@
-"""The README's "What happens when…" table, row by row, through the real CLI.
+"""The "What happens when…" table of docs/reliability.md, row by row, through the real CLI.
 
 Every row runs ``python -m launch ...`` in a subprocess, in a folder of its own holding a small
 checkpoint (start.pth) and a fake CIFAR-10 (data/), and must end with exit code 2, exactly one
@@ -27,7 +27,7 @@ from tests._faults import env
 from tests.fakedata import truncate_file, write_fake_cifar10, write_imagefolder
 from tests.helpers import FAST, REPO, make_small_checkpoint, run_cli
 from trainer.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from trainer.models import default_cfg, prunable_indices
+from trainer.models import default_widths, prunable_indices
 
 DATA = ["--dataset", "cifar10", "--data-dir", "data", "--no-download"]
 FINETUNE = ["finetune", "--checkpoint", "start.pth", *DATA, "--epochs", "1",
@@ -69,7 +69,7 @@ def _truncated(d: Path) -> None:
 
 
 def _malicious(d: Path) -> None:
-    torch.save({"cfg": default_cfg(), "state_dict": {}, "x": _OpenForWrite(d / "pwned")},
+    torch.save({"cfg": default_widths(), "state_dict": {}, "x": _OpenForWrite(d / "pwned")},
                d / "bad.pth")
 
 
@@ -165,7 +165,7 @@ def _fp8_yaml(d: Path) -> None:
 @dataclass(frozen=True)
 class Row:
     id: str
-    case: str  # the README row: "What happens when …"
+    case: str  # the docs/reliability.md row: "What happens when …"
     args: list[str]
     needle: str  # regex the error line must match (names the problem)
     setup: Callable[[Path], None] | None = None
@@ -352,8 +352,8 @@ def test_every_row_has_a_unique_id_and_case():
     assert len({r.id for r in ROWS}) == len(ROWS) == len({r.case for r in ROWS})
 
 
-def test_readme_table_has_every_row():
-    """The README's "What happens when…" table and ROWS stay in step."""
-    readme = (REPO / "README.md").read_text()
-    missing = [r.case for r in ROWS if f"| {r.case} |" not in readme]
-    assert not missing, f"README table lacks: {missing}"
+def test_reliability_doc_table_has_every_row():
+    """The "What happens when…" table of docs/reliability.md and ROWS stay in step."""
+    doc = (REPO / "docs" / "reliability.md").read_text()
+    missing = [r.case for r in ROWS if f"| {r.case} |" not in doc]
+    assert not missing, f"docs/reliability.md table lacks: {missing}"

@@ -79,7 +79,7 @@ def test_gpu_bench_ddp_part_on_cpu(tmp_path: Path) -> None:
 def test_bench_checkpoint_models(tmp_path: Path) -> None:
     ckpt = make_small_checkpoint(tmp_path / "small.pth", width=4)
     pruned, unpruned, info = bench.bench_models(checkpoint=str(ckpt))
-    assert info["checkpoint"] == str(ckpt) and pruned.cfg != unpruned.cfg
+    assert info["checkpoint"] == str(ckpt) and pruned.widths != unpruned.widths
     assert info["pruned_params"] < info["unpruned_params"]
     with pytest.raises(ConfigError, match="not both"):
         bench.bench_models(checkpoint=str(ckpt), ratio=0.5)

@@ -26,7 +26,7 @@ from trainer.checkpoint import (
 from trainer.cli import build_app, run_app
 from trainer.errors import CheckpointError
 from trainer.info import describe
-from trainer.models import ResNet50, bn_names, count_params, default_cfg, prunable_indices
+from trainer.models import ResNet50, bn_names, count_params, default_widths, prunable_indices
 
 HISTORY = {"epoch": [1, 2, 3], "lr": [1e-3, 1e-3, 1e-4], "train_loss": [2.0, 1.5, 1.2],
            "train_acc": [20.0, 40.0, 55.5], "test_loss": [2.1, 1.6, 1.7],
@@ -78,7 +78,7 @@ class RunCommand:
 
 def test_save_load_round_trip_with_weights_only(tmp_path):
     torch.manual_seed(0)
-    model = ResNet50(cfg=small_cfg(3))
+    model = ResNet50(widths=small_cfg(3))
     path = tmp_path / "m.pth"
     save_checkpoint(path, make_checkpoint(model, history=HISTORY, best_acc=47.25, best_epoch=2,
                                           config={"lr": 1e-3, "ratios": [0.5]}))
@@ -99,7 +99,7 @@ def test_save_load_round_trip_with_weights_only(tmp_path):
 
 
 def test_make_checkpoint_unwraps_and_drops_thop_buffers():
-    model = ResNet50(cfg=small_cfg(2))
+    model = ResNet50(widths=small_cfg(2))
     model.fc.register_buffer("total_ops", torch.zeros(1))  # what the old thop left behind
     ckpt = make_checkpoint(nn.DataParallel(model), best_acc=None)
     keys = list(ckpt["state_dict"])
@@ -132,7 +132,7 @@ def test_lab_file_loads_and_takes_num_classes_from_fc(tmp_path, prefix):
 
 def test_cfg_state_dict_mismatch_names_first_layer_and_both_shapes(tmp_path):
     torch.manual_seed(0)
-    model = ResNet50(cfg=small_cfg(8))
+    model = ResNet50(widths=small_cfg(8))
     cfg = small_cfg(8)
     idx = bn_names().index("layer2.1.bn1")
     cfg[idx] = 4  # the file's cfg says 4, its tensors say 8
@@ -148,8 +148,8 @@ def test_cfg_state_dict_mismatch_names_first_layer_and_both_shapes(tmp_path):
 
 @pytest.mark.parametrize("payload, needle", [
     ({"state_dict": {}}, "no 'cfg'"),
-    ({"cfg": default_cfg()}, "no 'state_dict'"),
-    ({"cfg": default_cfg(), "state_dict": {"conv1.weight": torch.zeros(1)}}, "no fc.weight"),
+    ({"cfg": default_widths()}, "no 'state_dict'"),
+    ({"cfg": default_widths(), "state_dict": {"conv1.weight": torch.zeros(1)}}, "no fc.weight"),
     ({"cfg": [64] * 10, "state_dict": {}}, "expected 49"),
     ([1, 2, 3], "not a checkpoint dict"),
     ({"arch": "vgg19", "cfg": [], "state_dict": {}}, "'vgg19'"),
@@ -162,7 +162,7 @@ def test_incomplete_checkpoints(tmp_path, payload, needle):
 
 
 def test_missing_keys_are_named(tmp_path):
-    state = ResNet50(cfg=small_cfg(2)).state_dict()
+    state = ResNet50(widths=small_cfg(2)).state_dict()
     del state["layer3.2.bn2.running_var"]
     path = tmp_path / "x.pth"
     torch.save({"cfg": small_cfg(2), "state_dict": state}, path)
@@ -179,7 +179,7 @@ def test_missing_keys_are_named(tmp_path):
 def test_malicious_pickle_is_refused_and_not_executed(tmp_path, payload_cls, writer):
     target = tmp_path / "pwned.txt"
     path = tmp_path / "evil.pth"
-    obj = {"cfg": default_cfg(), "state_dict": {}, "extra": payload_cls(target)}
+    obj = {"cfg": default_widths(), "state_dict": {}, "extra": payload_cls(target)}
     if writer == "torch.save":
         torch.save(obj, path)
     else:
@@ -243,7 +243,7 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch
     monkeypatch.setattr(torch, "save", half_then_crash)
     torch.manual_seed(5)
     with pytest.raises(OSError, match="No space"):
-        save_checkpoint(path, make_checkpoint(ResNet50(cfg=small_cfg(3))))
+        save_checkpoint(path, make_checkpoint(ResNet50(widths=small_cfg(3))))
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.pth"]
@@ -280,7 +280,7 @@ def test_info_json_in_process(tmp_path, capsys):
                                  prune={"ratio": 0.5, "threshold": 0.01, "source": "x.pth"})
     assert run_app(build_app(), ["info", str(path), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["params"] == count_params(ResNet50(cfg=small_cfg(2)))
+    assert d["params"] == count_params(ResNet50(widths=small_cfg(2)))
     assert (d["best_acc"], d["best_epoch"], d["epochs"]) == (47.25, 2, 3)
     assert d["prune"]["ratio"] == 0.5 and d["format"] == "slimtune"
 
@@ -305,7 +305,7 @@ def test_info_cli_bad_checkpoint_one_line_exit_2(tmp_path, case):
         make_small_checkpoint(path, width=2)
         truncate_file(path, 0.5)
     elif case == "malicious":
-        torch.save({"cfg": default_cfg(), "x": OpenFile(target)}, path)
+        torch.save({"cfg": default_widths(), "x": OpenFile(target)}, path)
     r = run_cli("info", path, cwd=tmp_path)
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
@@ -322,7 +322,7 @@ def test_bare_state_dict_gets_its_cfg_from_the_shapes(tmp_path):
     model = ResNet50(10, small_cfg(3))
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "bare.pth")
     ckpt = load_checkpoint(tmp_path / "bare.pth")
-    assert ckpt["cfg"] == model.cfg and ckpt["num_classes"] == 10
+    assert ckpt["cfg"] == model.widths and ckpt["num_classes"] == 10
     assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in model.state_dict().items())
 
 
@@ -343,7 +343,7 @@ def test_a_resume_state_loads_as_its_last_epochs_model(tmp_path):
                        "epoch": 1, "best_acc": 12.5, "best_epoch": 1, "history": history,
                        "config": {"epochs": 3}, "finished": False}, tmp_path / "x.last.pth")
     ckpt = load_checkpoint(tmp_path / "x.last.pth")
-    assert ckpt["cfg"] == model.cfg and ckpt["history"] == history
+    assert ckpt["cfg"] == model.widths and ckpt["history"] == history
     assert "best_acc" not in ckpt  # the best weights are in x.pth, not here
 
 

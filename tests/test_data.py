@@ -23,18 +23,10 @@ from tests.fakedata import (
     write_imagefolder,
 )
 from trainer import synthetic
-from trainer.data import (
-    ArrayDataset,
-    Datasets,
-    TorchTrainLoader,
-    build_datasets,
-    eval_transform,
-    make_test_loader,
-    make_train_loader,
-    train_transform,
-)
+from trainer.data import ArrayDataset, Datasets, build_datasets, eval_transform, train_transform
 from trainer.errors import DataError
 from trainer.gpu_loader import GPUTrainLoader
+from trainer.loaders import TorchTrainLoader, make_test_loader, make_train_loader
 
 
 def _one_line(exc_info) -> str:

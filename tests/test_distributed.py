@@ -25,9 +25,9 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from launch import launcher
+from launch import supervise
 from launch.accelerate_config import build_accelerate_config
-from launch.launcher import free_port
+from launch.plan import free_port
 from tests.fakedata import truncate_file, write_fake_cifar10
 from tests.helpers import FAST, REPO, cli_env, communicate_all, make_small_checkpoint, run_cli
 from trainer.checkpoint import (
@@ -125,6 +125,7 @@ def test_launcher_gpus2_cpu_finetunes_with_two_processes(inputs, tmp_path, loade
     printed = result.stdout + result.stderr
     for epoch in (1, 2):  # one progress display: only rank 0 prints
         assert printed.count(f"epoch {epoch}/2 ") == 1, printed[-2000:]
+    assert "had defaults used instead" not in printed  # nothing left to Accelerate's defaults
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing else written
 
 
@@ -237,7 +238,7 @@ def gloo_rank_main() -> dict:
     """One rank of test_train_metrics_average_all_ranks (started by it in a subprocess)."""
     from trainer.engine import make_optimizer, train_one_epoch
     from trainer.models import unwrap_model
-    from trainer.runner import end_run, make_accelerator, prepare_model
+    from trainer.runtime import end_run, make_accelerator, prepare_model
 
     cfg = RunConfig(cpu=True, optimizer="sgd", lr=0.1, momentum=0.0, epochs=1, dist_timeout=60)
     accelerator = make_accelerator(cfg)
@@ -298,13 +299,8 @@ def test_train_metrics_average_all_ranks_samples_and_replicas_stay_equal(tmp_pat
 
 def test_torch_loader_augments_each_rank_differently():
     """Identical images at every index, so only augmentation can differ between ranks."""
-    from trainer.data import (
-        ArrayDataset,
-        Datasets,
-        eval_transform,
-        make_train_loader,
-        train_transform,
-    )
+    from trainer.data import ArrayDataset, Datasets, eval_transform, train_transform
+    from trainer.loaders import make_train_loader
 
     images = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8).repeat(16, 1, 1, 1)
     images, labels = images.numpy(), torch.zeros(16, dtype=torch.int64).numpy()
@@ -371,8 +367,8 @@ def test_bad_input_of_a_two_process_job_is_one_line(inputs, tmp_path):
 def test_preflight_refuses_what_every_rank_would(inputs, tmp_path):
     """The launcher's pre-flight: the ranks' own checks, made once, reading no dataset file."""
     from tests.fakedata import write_imagefolder
+    from trainer.commands import preflight
     from trainer.errors import UserError
-    from trainer.runner import preflight
 
     write_imagefolder(tmp_path / "images", classes=3, per_class=2)
     base = RunConfig(command="finetune", checkpoint=str(inputs.ckpt), data_dir=str(inputs.data),
@@ -396,10 +392,10 @@ def test_preflight_refuses_what_every_rank_would(inputs, tmp_path):
 def test_report_of_the_same_bad_input_on_every_rank_is_one_line(tmp_path, capsys):
     for rank in (0, 1):
         (tmp_path / f"rank{rank}.txt").write_text("no data in d; pass --data-dir\nexit_code=2\n")
-    assert launcher._report(1, None, tmp_path, range(2)) == 2
+    assert supervise._report(1, None, tmp_path, range(2)) == 2
     assert capsys.readouterr().err.splitlines() == ["error: no data in d; pass --data-dir"]
     (tmp_path / "rank1.txt").write_text("no data in e; pass --data-dir\nexit_code=2\n")
-    assert launcher._report(1, None, tmp_path, range(2)) == 2  # two messages: one per rank
+    assert supervise._report(1, None, tmp_path, range(2)) == 2  # two messages: one per rank
     assert capsys.readouterr().err.splitlines() == [
         "error: rank 0 failed: no data in d; pass --data-dir",
         "error: rank 1 failed: no data in e; pass --data-dir"]
@@ -412,7 +408,7 @@ def test_report_puts_the_root_cause_last_and_returns_its_code(tmp_path, capsys):
     (tmp_path / "rank1.txt").write_text(
         "RuntimeError: [../gloo/transport/tcp/pair.cc:561] Connection closed by peer "
         "[127.0.0.1]:4242. This is typically caused by a remote worker crashing.\nexit_code=1\n")
-    assert launcher._report(1, None, tmp_path) == 2
+    assert supervise._report(1, None, tmp_path) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1] == "error: rank 0 failed: checkpoint y.pth is missing; pass --checkpoint"
     assert lines[-2].startswith("error: rank 1 failed: RuntimeError: ") and \
@@ -423,7 +419,7 @@ def test_report_names_a_silent_rank_after_peers_that_stopped_or_lost_it(tmp_path
     """Rank 0 was SIGKILLed; the agent then SIGTERMed rank 1, which stopped at a step boundary
     (or lost its peer). Rank 0 wrote nothing: it is the root cause, named last."""
     (tmp_path / "rank1.txt").write_text("stopped by SIGTERM in epoch 2\nexit_code=143\n")
-    assert launcher._report(1, None, tmp_path, range(2)) == 1
+    assert supervise._report(1, None, tmp_path, range(2)) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-2] == "rank 1 stopped by SIGTERM in epoch 2"
     assert lines[-1].startswith("error: rank 0 died without reporting an error")
@@ -432,7 +428,7 @@ def test_report_names_a_silent_rank_after_peers_that_stopped_or_lost_it(tmp_path
 def test_report_of_a_stop_the_launcher_forwarded_is_one_line(tmp_path, capsys):
     for rank in (0, 1):
         (tmp_path / f"rank{rank}.txt").write_text("stopped by SIGINT in epoch 1\nexit_code=130\n")
-    assert launcher._report(1, signal.SIGINT, tmp_path, range(2)) == 130
+    assert supervise._report(1, signal.SIGINT, tmp_path, range(2)) == 130
     assert capsys.readouterr().err.strip().splitlines() == [
         "stopped by SIGINT; the job exited with code 1"]
 
@@ -494,7 +490,7 @@ class _Model(nn.Module):
 
 
 def test_dp_wraps_after_prepare_so_saved_keys_have_no_prefix(monkeypatch, tmp_path):
-    from trainer.runner import prepare_model
+    from trainer.runtime import prepare_model
 
     seen = []
 
@@ -532,7 +528,8 @@ def test_dry_run_prints_the_launch_and_yaml_and_writes_nothing(inputs, tmp_path)
     command, _, rest = result.stdout.partition("\n# accelerate config (would be written to ")
     assert command.startswith("ACCELERATE_USE_CPU=true ")
     path = str(out / "accelerate_cpu_ddp_2proc.yaml")
-    assert f"-m accelerate.commands.launch --config_file {path} -m trainer finetune" in command
+    assert (f"-m accelerate.commands.launch --config_file {path} --num_cpu_threads_per_process 1 "
+            "-m trainer finetune") in command  # OMP_NUM_THREADS=1 (cli_env) is kept
     assert "--gpus" not in command and "--dry-run" not in command  # launcher-only options
     assert rest.startswith(path + "):\n")
     assert yaml.safe_load(rest.split("\n", 1)[1]) == build_accelerate_config(gpus=2, cpu=True)

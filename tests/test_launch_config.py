@@ -25,13 +25,15 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
-from launch import launcher
+from launch import plan as planning
+from launch import supervise, user_config
 from launch.accelerate_config import (
     build_accelerate_config,
     build_launch_argv,
     dump_yaml,
     launch_env,
     parse_gpu_ids,
+    threads_per_process,
     worker_argv,
     write_config,
 )
@@ -44,6 +46,7 @@ from launch.configcmd import (
 from tests.helpers import communicate_all
 from trainer.config import RunConfig, worker_fields
 from trainer.errors import ConfigError
+from trainer.options import accepted
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "_dist_probe.py"
@@ -176,16 +179,11 @@ def test_launch_argv_keeps_every_value_one_item(kwargs, tmp_path):
     path = tmp_path / ODD_DIR / "acc cfg.yaml"
     write_config(build_accelerate_config(**kwargs), path)
     args = ["--data-dir", ODD_DIR, "--output", "a 'b'.pth", "--cpu"]
-    argv = build_launch_argv(path, "finetune", args, python="/opt/py thon/python")
+    argv = build_launch_argv(path, "finetune", args, threads=3, python="/opt/py thon/python")
     assert argv[:5] == ["/opt/py thon/python", "-m", "accelerate.commands.launch",
                         "--config_file", str(path)]
-    assert argv[5:] == ["-m", "trainer", "finetune", *args]
+    assert argv[5:] == ["--num_cpu_threads_per_process", "3", "-m", "trainer", "finetune", *args]
     assert shlex.split(shlex.join(argv)) == argv  # what --dry-run prints runs the same
-
-
-def test_launch_argv_can_target_a_script():
-    argv = build_launch_argv("c.yaml", "x", ["--out", "o"], target="/t/probe.py", module=False)
-    assert argv[-4:] == ["/t/probe.py", "x", "--out", "o"] and "-m" not in argv[5:]
 
 
 @pytest.mark.parametrize("kwargs, port", [
@@ -194,16 +192,35 @@ def test_launch_argv_can_target_a_script():
     ({"gpus": 2, "num_machines": 2, "main_process_ip": "10.0.0.1"}, False)])  # the user's port
 def test_a_one_machine_ddp_job_gets_a_free_port_of_its_own(kwargs, port):
     config = build_accelerate_config(**kwargs)
-    assert launcher.needs_own_port(config) == port
+    assert planning.needs_own_port(config) == port
     # A user's config that names a port keeps it.
-    assert not launcher.needs_own_port({**config, "main_process_port": 29600})
-    argv = build_launch_argv("c.yaml", "finetune", ["--cpu"])
-    assert launcher.with_port(argv, 41234) == argv[:5] + ["--main_process_port", "41234"] + \
+    assert not planning.needs_own_port({**config, "main_process_port": 29600})
+    argv = build_launch_argv("c.yaml", "finetune", ["--cpu"], threads=1)
+    assert planning.with_port(argv, 41234) == argv[:5] + ["--main_process_port", "41234"] + \
         argv[5:]
 
 
+@pytest.mark.parametrize("environ, kwargs, local", [
+    ({}, {"gpus": 2, "cpu": True}, 2), ({}, {"gpus": 4}, 4), ({}, {"gpus": 1}, 1),
+    ({}, {"gpus": 4, "mode": "dp"}, 1),  # DataParallel: one process
+    ({}, {"gpus": 2, "num_machines": 3, "main_process_ip": "h"}, 2),  # per machine
+    ({"OMP_NUM_THREADS": "3"}, {"gpus": 2, "cpu": True}, None),  # the user's choice wins
+])
+def test_every_launch_passes_the_cpu_threads_per_process(environ, kwargs, local):
+    """Accelerate's own default put 2 threads on each of 2 CPU processes of a 2-core machine
+    and printed its "values were not passed" block; the launcher passes the value itself."""
+    config = build_accelerate_config(**kwargs)
+    cores = len(os.sched_getaffinity(0))
+    expected = 3 if local is None else max(cores // local, 1)
+    assert threads_per_process(config, environ) == expected
+    p = plan(4, environ, cpu=kwargs.get("cpu", False), gpus=2, batch_size=64)
+    argv = p.argv
+    assert argv[argv.index("--num_cpu_threads_per_process") + 1] == \
+        str(threads_per_process(p.config, environ))
+
+
 def test_free_port_can_be_listened_on():
-    port = launcher.free_port()
+    port = planning.free_port()
     with socket.socket() as sock:
         sock.bind(("", port))
         sock.listen()
@@ -267,7 +284,7 @@ def test_worker_argv_follows_field_order_and_can_be_restricted():
 def test_worker_argv_is_accepted_by_the_real_worker_cli(command):
     from trainer.cli import build_app, run_app
 
-    options, positional = launcher._worker_interface(command)
+    options, positional = accepted(command)
     cfg = RunConfig(command=command, checkpoint="in put.pth", data_dir=ODD_DIR, download=False,
                     epochs=3, batch_size=48, lr=0.05, ratio=0.4, ratios=(0.25, 0.75), seed=5,
                     cpu=True, mode="dp", channels_last=False, limit_batches=2, json=True)
@@ -319,7 +336,7 @@ def test_config_command_writes_and_prints_the_path(tmp_path, capsys):
 
 
 def plan(visible=4, environ=None, **fields):
-    return launcher.plan_launch(RunConfig(**fields), visible_gpus=visible, environ=environ or {})
+    return planning.plan_launch(RunConfig(**fields), visible_gpus=visible, environ=environ or {})
 
 
 @pytest.mark.parametrize("fields, visible", [
@@ -342,7 +359,7 @@ def test_default_uses_every_visible_gpu_with_ddp(tmp_path):
     assert p.config["num_processes"] == 4 and p.config["distributed_type"] == "MULTI_GPU"
     assert p.config_path == tmp_path / ODD_DIR / "accelerate_ddp_4proc.yaml"
     assert p.argv[p.argv.index("--config_file") + 1] == str(p.config_path)
-    assert p.argv[5:8] == ["-m", "trainer", "finetune"]
+    assert p.argv[7:10] == ["-m", "trainer", "finetune"]
     assert "--gpus" not in p.argv and p.env == {}
 
 
@@ -468,7 +485,7 @@ def test_bad_values_in_a_users_config_are_one_config_error(tmp_path, line, needl
 
 def test_every_example_config_passes_the_checks():
     for path in sorted((ROOT / "configs" / "accelerate").glob("*.yaml")):
-        launcher.load_user_config(path)
+        user_config.load_user_config(path)
 
 
 @pytest.mark.parametrize("yaml_name, visible, needle", [
@@ -499,17 +516,17 @@ def test_evaluate_argv_passes_the_checkpoint_as_argument():
 
 
 def test_missing_accelerate_is_a_config_error(monkeypatch):
-    real = launcher.importlib.util.find_spec
-    monkeypatch.setattr(launcher.importlib.util, "find_spec",
+    real = planning.importlib.util.find_spec
+    monkeypatch.setattr(planning.importlib.util, "find_spec",
                         lambda name, *a: None if name == "accelerate" else real(name, *a))
     with pytest.raises(ConfigError, match="accelerate is not installed.*pip install accelerate"):
         plan(0, cpu=True, gpus=2)
 
 
 def test_dry_run_prints_command_and_yaml_and_runs_nothing(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(launcher, "run_job", lambda *a: pytest.fail("dry run launched"))
+    monkeypatch.setattr(supervise, "run_job", lambda *a: pytest.fail("dry run launched"))
     cfg = RunConfig(cpu=True, gpus=2, dry_run=True, output=str(tmp_path / ODD_DIR / "m.pth"))
-    assert launcher.dispatch(cfg) == 0
+    assert planning.dispatch(cfg) == 0
     out = capsys.readouterr().out
     first = out.splitlines()[0]
     assert first.startswith("ACCELERATE_USE_CPU=true ")
@@ -521,24 +538,24 @@ def test_dry_run_prints_command_and_yaml_and_runs_nothing(tmp_path, capsys, monk
 
 
 def test_unwritable_config_folder_is_a_config_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(launcher, "run_job", lambda *a: pytest.fail("launched anyway"))
+    monkeypatch.setattr(supervise, "run_job", lambda *a: pytest.fail("launched anyway"))
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     # train on synthetic data: inputs the launcher's pre-flight finds usable
     cfg = RunConfig(command="train", dataset="synthetic", cpu=True, gpus=2,
                     output=str(blocker / "m.pth"))
     with pytest.raises(ConfigError, match="cannot write the Accelerate config .*; pick a"):
-        launcher.dispatch(cfg)
+        planning.dispatch(cfg)
 
 
 def test_dispatch_runs_one_process_in_process(monkeypatch, capsys):
-    import trainer.runner
+    import trainer.worker
 
     seen = []
-    monkeypatch.setattr(trainer.runner, "run_worker", lambda cfg: seen.append(cfg) or 7)
-    assert launcher.dispatch(RunConfig(cpu=True, command="evaluate", checkpoint="c.pth")) == 7
+    monkeypatch.setattr(trainer.worker, "run_worker", lambda cfg: seen.append(cfg) or 7)
+    assert planning.dispatch(RunConfig(cpu=True, command="evaluate", checkpoint="c.pth")) == 7
     assert seen[0].command == "evaluate"
-    assert launcher.dispatch(RunConfig(cpu=True, dry_run=True)) == 0
+    assert planning.dispatch(RunConfig(cpu=True, dry_run=True)) == 0
     assert "runs in this process" in capsys.readouterr().out and len(seen) == 1
 
 
@@ -550,7 +567,7 @@ def _python(code: str) -> list[str]:
 
 
 def test_run_job_reports_failed_ranks_last_and_their_exit_code(capsys):
-    code = launcher.run_job(_python("""
+    code = supervise.run_job(_python("""
         import os, sys, pathlib
         d = pathlib.Path(os.environ["SLIMTUNE_FAILURE_DIR"])
         (d / "rank3.txt").write_text("checkpoint x.pth is missing; pass --checkpoint\\n")
@@ -565,10 +582,10 @@ def test_run_job_reports_failed_ranks_last_and_their_exit_code(capsys):
 
 
 def test_run_job_without_failure_file_summarises_the_exit_code(capsys):
-    assert launcher.run_job(_python("import sys; sys.exit(3)"), dict(os.environ)) == 3
+    assert supervise.run_job(_python("import sys; sys.exit(3)"), dict(os.environ)) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: the launched job failed with exit code 3")
-    assert launcher.run_job(_python("pass"), dict(os.environ)) == 0
+    assert supervise.run_job(_python("pass"), dict(os.environ)) == 0
 
 
 _TORCHRUN_FAILURE = """
@@ -591,7 +608,7 @@ def test_torchruns_report_is_held_back_when_every_rank_said_the_same(capsys, cod
     """Bad input that every rank reported (exit code 2) is one line; torchrun's traceback and
     log lines only repeat it. Any other failure still shows them, then the ranks' lines."""
     child = _python(_TORCHRUN_FAILURE.replace("CODE", str(code)))
-    assert launcher.run_job(child, dict(os.environ), ranks=range(2)) == code
+    assert supervise.run_job(child, dict(os.environ), ranks=range(2)) == code
     err = capsys.readouterr().err
     assert err.splitlines()[0] == "worker noise"  # the job's own output still comes through
     if code == 2:
@@ -604,14 +621,14 @@ def test_torchruns_report_is_held_back_when_every_rank_said_the_same(capsys, cod
 def test_the_stderr_relay_keeps_progress_bars_and_drains_when_our_stderr_is_gone(
         capsys, monkeypatch):
     bar = _python('import sys; sys.stderr.write("10%\\r50%\\r100%\\n")')
-    assert launcher.run_job(bar, dict(os.environ), ranks=range(1)) == 0
+    assert supervise.run_job(bar, dict(os.environ), ranks=range(1)) == 0
     assert capsys.readouterr().err == "10%\r50%\r100%\n"  # one line, redrawn in place
     gone = open(os.devnull, "w")
     gone.close()  # writing raises ValueError, like a closed terminal's EIO
     monkeypatch.setattr(sys, "stderr", gone)
     # 400 KB: far more than a pipe holds, so the job would block if nobody read on
     chatty = _python('import sys\nfor _ in range(4000): print("x" * 99, file=sys.stderr)')
-    assert launcher.run_job(chatty, dict(os.environ), ranks=range(1)) == 0
+    assert supervise.run_job(chatty, dict(os.environ), ranks=range(1)) == 0
 
 
 def test_sigint_is_forwarded_to_the_job_and_its_code_returned(tmp_path):
@@ -637,10 +654,17 @@ def test_sigint_is_forwarded_to_the_job_and_its_code_returned(tmp_path):
     timer = threading.Thread(target=interrupt_when_ready, daemon=True)
     timer.start()
     start = time.monotonic()
-    code = launcher.run_job(child, dict(os.environ))
+    code = supervise.run_job(child, dict(os.environ))
     assert code == 130 and got.read_text() == str(int(signal.SIGINT))
     assert time.monotonic() - start < 20
     assert signal.getsignal(signal.SIGINT) is before  # our forwarding handler is removed
+
+
+def _probe_argv(config_path: Path, command: str, args: list[str]) -> list[str]:
+    """The launch command with the probe script where the worker module would be."""
+    argv = build_launch_argv(config_path, command, args, threads=1)
+    at = argv.index("trainer") - 1  # "-m", "trainer"
+    return [*argv[:at], str(PROBE), *argv[at + 2:]]
 
 
 def _probe_env() -> dict[str, str]:
@@ -659,7 +683,7 @@ def test_two_cpu_processes_form_a_gloo_world_of_two(tmp_path):
     path = write_config(config, tmp_path / ODD_DIR / "cpu ddp.yaml")
     out = tmp_path / ODD_DIR / "out"
     args = ["--data-dir", ODD_DIR, "--cpu", "--out", str(out)]
-    argv = build_launch_argv(path, "finetune", args, target="tests._dist_probe")
+    argv = _probe_argv(path, "finetune", args)
     result = subprocess.run(argv, env=_probe_env() | launch_env(config, cpu=True), cwd=ROOT,
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -675,9 +699,8 @@ def test_two_cpu_processes_form_a_gloo_world_of_two(tmp_path):
 def test_failed_rank_of_a_real_job_is_reported_with_its_code(tmp_path, capsys):
     config = build_accelerate_config(gpus=2, cpu=True)
     path = write_config(config, tmp_path / "c.yaml")
-    argv = build_launch_argv(path, "x", ["--fail", "--out", str(tmp_path / "o")],
-                             target=str(PROBE), module=False)
-    code = launcher.run_job(argv, _probe_env() | launch_env(config, cpu=True))
+    argv = _probe_argv(path, "x", ["--fail", "--out", str(tmp_path / "o")])
+    code = supervise.run_job(argv, _probe_env() | launch_env(config, cpu=True))
     assert code == 2  # torchrun itself exits 1; the rank's failure file carries the 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "error: rank 1 failed: bad thing happened"
@@ -685,14 +708,13 @@ def test_failed_rank_of_a_real_job_is_reported_with_its_code(tmp_path, capsys):
 
 @pytest.mark.slow  # ~3 s alone, ~8 s on a busy 2-core machine
 def test_two_machines_on_loopback_form_a_world_of_two(tmp_path):
-    port, out = launcher.free_port(), tmp_path / "out"
+    port, out = planning.free_port(), tmp_path / "out"
     procs = []
     for rank in (0, 1):
         config = build_accelerate_config(gpus=1, cpu=True, num_machines=2, machine_rank=rank,
                                          main_process_ip="127.0.0.1", main_process_port=port)
         path = write_config(config, tmp_path / f"node{rank}.yaml")
-        argv = build_launch_argv(path, "x", ["--out", str(out)], target=str(PROBE),
-                                 module=False)
+        argv = _probe_argv(path, "x", ["--out", str(out)])
         procs.append(subprocess.Popen(argv, env=_probe_env() | launch_env(config, cpu=True),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
@@ -735,7 +757,7 @@ def test_a_users_gpu_ids_are_physical_under_a_narrowed_cuda_visible_devices(tmp_
     """Accelerate passes gpu_ids on as CUDA_VISIBLE_DEVICES: under CUDA_VISIBLE_DEVICES=2,3
     (a scheduler's share) a config for GPUs 2,3 is right, and one for 0,1 is someone else's."""
     path = tmp_path / "u.yaml"
-    config = launcher.load_user_config(ROOT / "configs" / "accelerate" / "ddp_2gpu.yaml")
+    config = user_config.load_user_config(ROOT / "configs" / "accelerate" / "ddp_2gpu.yaml")
     for ids, ok in (("2,3", True), ("0,1", False)):
         path.write_text(yaml.safe_dump({**config, "gpu_ids": ids}))
         run = functools.partial(plan, 2, environ={"CUDA_VISIBLE_DEVICES": "2,3"},

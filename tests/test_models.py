@@ -13,11 +13,11 @@ from trainer.models import (
     batchnorms,
     bn_names,
     count_params,
-    default_cfg,
-    effective_cfg,
+    default_widths,
+    effective_widths,
     prunable_indices,
     unwrap_model,
-    validate_cfg,
+    validate_widths,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -71,7 +71,7 @@ def test_layout_matches_the_lab(full_model):
 
 
 def test_cfg_has_one_entry_per_batchnorm(full_model):
-    cfg = default_cfg()
+    cfg = default_widths()
     assert len(cfg) == NUM_BN == 49
     assert cfg[:4] == [64, 64, 64, 256]
     assert cfg[-3:] == [512, 512, 2048]
@@ -85,8 +85,8 @@ def test_cfg_has_one_entry_per_batchnorm(full_model):
 
 def test_pruned_cfg_builds_those_widths():
     cfg = small_cfg(4)
-    m = ResNet50(cfg=cfg)
-    assert [bn.num_features for _, bn in batchnorms(m)] == effective_cfg(cfg)
+    m = ResNet50(widths=cfg)
+    assert [bn.num_features for _, bn in batchnorms(m)] == effective_widths(cfg)
     assert m.layer2[0].conv1.out_channels == 4 and m.layer2[0].conv2.in_channels == 4
     assert m.layer2[0].conv3.out_channels == 512
     assert m.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
@@ -99,15 +99,15 @@ def test_stem_and_bn3_entries_are_ignored():
     for i, name in enumerate(names):
         if i not in prunable_indices():
             cfg[i] = 7  # what a lab file might say there
-    m = ResNet50(cfg=cfg)
+    m = ResNet50(widths=cfg)
     widths = [bn.num_features for _, bn in batchnorms(m)]
-    full = default_cfg()
+    full = default_widths()
     for i, name in enumerate(names):
         assert widths[i] == (4 if i in prunable_indices() else full[i]), name
-    assert m.cfg == cfg  # kept as given (it is what the file said)
+    assert m.widths == cfg  # kept as given (it is what the file said)
     # even 0 or a negative count there is accepted: it is ignored
     cfg[0] = 0
-    assert effective_cfg(cfg)[0] == 64
+    assert effective_widths(cfg)[0] == 64
 
 
 @pytest.mark.parametrize("cfg, needles", [
@@ -116,39 +116,39 @@ def test_stem_and_bn3_entries_are_ignored():
 ])
 def test_bad_cfg_length(cfg, needles):
     with pytest.raises(ValueError) as err:
-        ResNet50(cfg=cfg)
+        ResNet50(widths=cfg)
     for needle in needles:
         assert needle in str(err.value)
 
 
 def test_prunable_entry_below_one_names_index_layer_and_range():
-    cfg = default_cfg()
+    cfg = default_widths()
     cfg[4] = 0  # layer1.1.bn1
     with pytest.raises(ValueError) as err:
-        validate_cfg(cfg)
+        validate_widths(cfg)
     msg = str(err.value)
     assert "cfg[4]" in msg and "layer1.1.bn1" in msg and "1..64" in msg
 
 
 def test_prunable_entry_above_full_width():
-    cfg = default_cfg()
+    cfg = default_widths()
     cfg[2] = 65  # layer1.0.bn2
     with pytest.raises(ValueError, match=r"cfg\[2\] \(layer1\.0\.bn2\).*1\.\.64"):
-        ResNet50(cfg=cfg)
+        ResNet50(widths=cfg)
 
 
 @pytest.mark.parametrize("value", [3.5, "8", True, None])
 def test_non_integer_entry(value):
-    cfg = default_cfg()
+    cfg = default_widths()
     cfg[8] = value  # layer1.2.bn2
     with pytest.raises(ValueError) as err:
-        ResNet50(cfg=cfg)
+        ResNet50(widths=cfg)
     msg = str(err.value)
     assert "cfg[8]" in msg and "layer1.2.bn2" in msg and "integer" in msg
 
 
 def test_cfg_as_tensor_is_accepted():
-    assert validate_cfg(torch.tensor(small_cfg(4))) == small_cfg(4)
+    assert validate_widths(torch.tensor(small_cfg(4))) == small_cfg(4)
 
 
 def test_bad_num_classes():
@@ -157,7 +157,7 @@ def test_bad_num_classes():
 
 
 def test_unwrap_model_strips_dataparallel_and_compile_wrappers():
-    inner = ResNet50(cfg=small_cfg(2))
+    inner = ResNet50(widths=small_cfg(2))
 
     class Compiled(nn.Module):  # what torch.compile's OptimizedModule looks like
         def __init__(self, mod):

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from trainer.checkpoint import make_checkpoint, save_checkpoint
 from trainer.errors import CheckpointError, UserError
-from trainer.models import ResNet50, count_params, default_cfg, prunable_indices
+from trainer.models import ResNet50, count_params, default_widths, prunable_indices
 from trainer.plots import plot_comparison, plot_curves, plot_gamma_hist
 from trainer.profiling import profile_model
 from trainer.report import compare_rows, register, render_compare_table, write_report
@@ -39,7 +39,7 @@ HISTORY = {"epoch": [1, 2, 3, 4], "lr": [0.1, 0.1, 0.01, 0.01],
 
 
 def scaled_cfg(divisor: int) -> list[int]:
-    cfg = default_cfg()
+    cfg = default_widths()
     for i in prunable_indices():
         cfg[i] = max(1, cfg[i] // divisor)
     return cfg
@@ -53,7 +53,7 @@ def ckpts(tmp_path_factory) -> dict[str, tuple[Path, ResNet50]]:
     out = {}
     for name, divisor, extra in (("big", 8, {"history": HISTORY}),
                                  ("small", 32, {"best_acc": 40.5})):
-        model = ResNet50(cfg=scaled_cfg(divisor))
+        model = ResNet50(widths=scaled_cfg(divisor))
         path = folder / f"{name}.pth"
         save_checkpoint(path, make_checkpoint(model, **extra))
         out[name] = (path, model)

@@ -11,10 +11,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from launch.launcher import free_port
+from launch.plan import free_port
 from trainer.checkpoint import make_checkpoint, save_checkpoint
 from trainer.errors import CheckpointError, UserError
-from trainer.models import ResNet50, count_params, default_cfg, prunable_indices
+from trainer.models import ResNet50, count_params, default_widths, prunable_indices
 from trainer.profiling import (
     MAX_INPUT_SIZE,
     check_input_size,
@@ -38,14 +38,14 @@ def one_torch_thread():
 
 
 def halved_cfg() -> list[int]:
-    cfg = default_cfg()
+    cfg = default_widths()
     for i in prunable_indices():
         cfg[i] //= 2
     return cfg
 
 
 def tiny_cfg() -> list[int]:
-    cfg = default_cfg()
+    cfg = default_widths()
     for i in prunable_indices():
         cfg[i] = max(1, cfg[i] // 16)
     return cfg
@@ -90,7 +90,7 @@ def test_full_resnet50_counts(full_model):
 
 
 def test_batch_scales_macs_not_params():
-    model = ResNet50(cfg=tiny_cfg())
+    model = ResNet50(widths=tiny_cfg())
     one, four = profile_model(model), profile_model(model, batch=4)
     assert four["params"] == one["params"] == count_params(model)
     assert four["macs"] == 4 * one["macs"]
@@ -130,7 +130,7 @@ def flop_counter_flops(model: nn.Module, size: int = 32) -> int:
 
 @pytest.mark.parametrize("cfg_name", ["full", "halved"])
 def test_thop_agrees_with_torch_flop_counter(cfg_name, full_model):
-    model = full_model if cfg_name == "full" else ResNet50(cfg=halved_cfg())
+    model = full_model if cfg_name == "full" else ResNet50(widths=halved_cfg())
     thop_macs = thop_conv_linear_macs(model)
     torch_flops = flop_counter_flops(copy.deepcopy(model))
     assert abs(2 * thop_macs - torch_flops) <= 0.005 * torch_flops
@@ -155,7 +155,7 @@ def test_data_parallel_gives_bare_numbers(full_model):
 
 
 def test_ddp_gives_bare_numbers(monkeypatch):
-    model = ResNet50(cfg=halved_cfg())
+    model = ResNet50(widths=halved_cfg())
     bare = profile_model(model)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
@@ -171,7 +171,7 @@ def test_ddp_gives_bare_numbers(monkeypatch):
 
 
 def test_compiled_wrapper_is_unwrapped():
-    model = ResNet50(cfg=tiny_cfg())
+    model = ResNet50(widths=tiny_cfg())
     compiled = torch.compile(model)  # lazy: nothing compiles unless it is called
     assert profile_model(compiled) == profile_model(model)
 
@@ -179,12 +179,12 @@ def test_compiled_wrapper_is_unwrapped():
 @pytest.mark.parametrize("size", range(1, 10))
 def test_every_small_input_size_runs(size):
     # padding on every stride-2 layer keeps a 1x1 map 1x1, so the smallest valid size is 1
-    info = profile_model(ResNet50(cfg=tiny_cfg()), input_size=size)
+    info = profile_model(ResNet50(widths=tiny_cfg()), input_size=size)
     assert info["input_size"] == size and info["macs"] > 0
 
 
 def test_macs_grow_with_input_area():
-    model = ResNet50(cfg=tiny_cfg())
+    model = ResNet50(widths=tiny_cfg())
     small, big = profile_model(model, 32)["macs"], profile_model(model, 64)["macs"]
     assert 3.5 * small < big < 4.0 * small  # 4x area; the final linear layer does not grow
 
@@ -194,17 +194,17 @@ def test_bad_input_size_is_a_user_error(bad):
     with pytest.raises(UserError, match="--input-size"):
         check_input_size(bad)
     with pytest.raises(UserError, match="--input-size"):
-        profile_model(ResNet50(cfg=tiny_cfg()), input_size=bad)
+        profile_model(ResNet50(widths=tiny_cfg()), input_size=bad)
 
 
 def test_bad_batch_is_a_user_error():
     with pytest.raises(UserError, match="batch"):
-        profile_model(ResNet50(cfg=tiny_cfg()), batch=0)
+        profile_model(ResNet50(widths=tiny_cfg()), batch=0)
 
 
 @pytest.fixture
 def small_ckpt(tmp_path):
-    model = ResNet50(cfg=tiny_cfg())
+    model = ResNet50(widths=tiny_cfg())
     history = {"epoch": [1, 2, 3], "lr": [0.1, 0.1, 0.01], "train_loss": [2.0, 1.5, 1.2],
                "train_acc": [30.0, 45.0, 50.0], "test_loss": [2.1, 1.7, 1.4],
                "test_acc": [28.0, 41.5, 40.0]}
@@ -224,7 +224,7 @@ def test_profile_checkpoint(small_ckpt):
 
 def test_profile_checkpoint_without_history_has_no_best_acc(tmp_path):
     path = tmp_path / "bare.pth"
-    save_checkpoint(path, make_checkpoint(ResNet50(cfg=tiny_cfg())))
+    save_checkpoint(path, make_checkpoint(ResNet50(widths=tiny_cfg())))
     assert "best_acc" not in profile_checkpoint(path)
 
 
@@ -242,7 +242,7 @@ def test_profile_checkpoint_bad_files(tmp_path, small_ckpt):
 
 
 def test_measure_latency_cpu():
-    model = ResNet50(cfg=tiny_cfg()).train()
+    model = ResNet50(widths=tiny_cfg()).train()
     before = snapshot(model)
     out = measure_latency(model, "cpu", input_size=16, batches=(1, 2), warmup=1, repeats=2)
     assert out["device"] == "cpu" and out["input_size"] == 16 and out["repeats"] == 2

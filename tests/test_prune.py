@@ -1,4 +1,4 @@
-"""Network-slimming pruning (trainer.prune) and the prune command (runner.cmd_prune)."""
+"""Network-slimming pruning (trainer.prune) and the prune command (trainer.commands.cmd_prune)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tests.helpers import small_cfg
-from trainer import runner
 from trainer.checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint
 from trainer.config import RunConfig
 from trainer.errors import CheckpointError, ConfigError
@@ -22,6 +21,7 @@ from trainer.prune import (
     prune,
     stage_summary,
 )
+from trainer.worker import run_worker
 
 DEAD = "layer3.2.bn1"  # the layer whose every γ is tiny
 
@@ -46,7 +46,7 @@ def hand_set_model() -> ResNet50:
     """Width-4 model: prunable γ = ±[0.1, 0.2, 0.3, 0.4] per layer, except DEAD (1e-4..4e-4);
     the stem and every bn3 at γ = 1."""
     torch.manual_seed(0)
-    model = ResNet50(cfg=small_cfg(4))
+    model = ResNet50(widths=small_cfg(4))
     prunable = set(prunable_indices())
     with torch.no_grad():
         for i, (name, bn) in enumerate(batchnorms(model)):
@@ -60,7 +60,7 @@ def hand_set_model() -> ResNet50:
 
 
 def kept(result_masks) -> dict[str, int]:
-    names = [n for n, _ in batchnorms(ResNet50(cfg=small_cfg(1)))]
+    names = [n for n, _ in batchnorms(ResNet50(widths=small_cfg(1)))]
     return {names[i]: int(result_masks[i].sum()) for i in prunable_indices()}
 
 
@@ -81,7 +81,7 @@ def test_threshold_and_kept_counts_prunable_scope():
     dead_idx = [n for n, _ in batchnorms(model)].index(DEAD)
     assert res.masks[dead_idx].tolist() == [False, False, True, False]
     assert res.masks[dead_idx + 1].tolist() == [False, False, True, True]  # its bn2: 0.3, 0.4
-    assert res.cfg == [int(m.sum()) for m in res.masks]
+    assert res.widths == [int(m.sum()) for m in res.masks]
     # stem and bn3 stay whole
     assert all(bool(res.masks[i].all()) for i in range(49) if i not in prunable_indices())
     assert res.params_before == count_params(model)
@@ -110,7 +110,7 @@ def test_min_channels_keeps_the_largest_gammas():
     dead_idx = [n for n, _ in batchnorms(res.model)].index(DEAD)
     assert res.masks[dead_idx].tolist() == [True, False, True, False]  # 3e-4 and 4e-4
     assert res.kept_min == [DEAD]
-    assert res.model.cfg[dead_idx] == 2
+    assert res.model.widths[dead_idx] == 2
 
 
 def test_scope_all_counts_the_stem_and_bn3():
@@ -161,10 +161,10 @@ def test_stage_summary():
 
 
 def test_keep_all_masks_reproduce_the_outputs():
-    model = randomize(ResNet50(cfg=small_cfg(6)))
+    model = randomize(ResNet50(widths=small_cfg(6)))
     masks = [torch.ones(bn.num_features, dtype=torch.bool) for _, bn in batchnorms(model)]
     new = apply_masks(model, masks).eval()
-    assert new.cfg == [bn.num_features for _, bn in batchnorms(model)]
+    assert new.widths == [bn.num_features for _, bn in batchnorms(model)]
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(new(x), model(x), rtol=1e-5, atol=1e-6)
@@ -173,7 +173,7 @@ def test_keep_all_masks_reproduce_the_outputs():
 
 
 def test_pruning_zero_gamma_and_beta_channels_keeps_the_outputs():
-    model = randomize(ResNet50(cfg=small_cfg(6)), seed=1)
+    model = randomize(ResNet50(widths=small_cfg(6)), seed=1)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for i, (_, bn) in enumerate(batchnorms(model)):
@@ -191,7 +191,7 @@ def test_pruning_zero_gamma_and_beta_channels_keeps_the_outputs():
 
 
 def test_weights_are_sliced_by_the_masks():
-    model = randomize(ResNet50(cfg=small_cfg(4)), seed=3)
+    model = randomize(ResNet50(widths=small_cfg(4)), seed=3)
     src = copy.deepcopy(model)
     masks, _ = channel_masks(model, threshold=1.0)  # γ in [0.5, 1.5): about half kept
     new = apply_masks(model, masks)
@@ -221,7 +221,7 @@ def prune_cfg(tmp_path: Path, data_dir: Path, **over) -> RunConfig:
 
 def write_sparse(tmp_path: Path) -> Path:
     path = tmp_path / "model_sparse.pth"
-    save_checkpoint(path, make_checkpoint(randomize(ResNet50(cfg=small_cfg(8)), seed=4)))
+    save_checkpoint(path, make_checkpoint(randomize(ResNet50(widths=small_cfg(8)), seed=4)))
     return path
 
 
@@ -230,14 +230,14 @@ def test_prune_command_writes_checkpoint_metadata_and_gamma_plot(tmp_path, fake_
     monkeypatch.chdir(tmp_path)
     src = write_sparse(tmp_path)
     out = tmp_path / "checkpoints" / "model_prune_50.pth"
-    assert runner.run_worker(prune_cfg(tmp_path, fake_cifar10, output=str(out))) == 0
+    assert run_worker(prune_cfg(tmp_path, fake_cifar10, output=str(out))) == 0
     ckpt = load_checkpoint(out)
     meta = ckpt["prune"]
     assert meta["ratio"] == 0.5 and meta["source"] == str(src) and meta["scope"] == "all"
     original = build_model(load_checkpoint(src))
     assert meta["threshold"] == pytest.approx(global_threshold(original, 0.5))
     expected = prune(original, 0.5)
-    assert ckpt["cfg"] == expected.cfg
+    assert ckpt["cfg"] == expected.widths
     assert meta["params_before"] == count_params(original)
     assert meta["params_after"] == count_params(build_model(ckpt)) < meta["params_before"]
     assert 0 <= meta["acc_before"] <= 100 and 0 <= meta["acc_after"] <= 100
@@ -251,11 +251,11 @@ def test_prune_no_eval_and_missing_dataset_skip_accuracy(tmp_path, monkeypatch, 
     write_sparse(tmp_path)
     out1 = tmp_path / "a.pth"
     cfg = prune_cfg(tmp_path, tmp_path / "nodata", output=str(out1), eval=False)
-    assert runner.run_worker(cfg) == 0
+    assert run_worker(cfg) == 0
     assert load_checkpoint(out1)["prune"]["acc_before"] is None
     capsys.readouterr()
     out2 = tmp_path / "b.pth"
-    assert runner.run_worker(cfg.replace(eval=True, output=str(out2))) == 0
+    assert run_worker(cfg.replace(eval=True, output=str(out2))) == 0
     meta = load_checkpoint(out2)["prune"]
     assert meta["acc_before"] is None and meta["acc_after"] is None
     text = " ".join(capsys.readouterr().out.split())
@@ -265,20 +265,20 @@ def test_prune_no_eval_and_missing_dataset_skip_accuracy(tmp_path, monkeypatch, 
 
 def test_prune_refuses_non_finite_gamma_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    model = ResNet50(cfg=small_cfg(2))
+    model = ResNet50(widths=small_cfg(2))
     with torch.no_grad():
         model.layer1[0].bn1.weight[0] = float("nan")
     save_checkpoint(tmp_path / "model_sparse.pth", make_checkpoint(model))
     out = tmp_path / "p.pth"
     with pytest.raises(CheckpointError, match="not finite"):
-        runner.run_worker(prune_cfg(tmp_path, tmp_path, output=str(out), eval=False))
+        run_worker(prune_cfg(tmp_path, tmp_path, output=str(out), eval=False))
     assert not out.exists() and not (tmp_path / "plots").exists()
 
 
 def test_ties_at_the_threshold_are_counted_and_named(tmp_path, monkeypatch, capsys):
     """Half the bn1/bn2 γ are equal: ratio 0.3 lands on the tie, and all of it goes."""
     monkeypatch.chdir(tmp_path)
-    model = randomize(ResNet50(cfg=small_cfg(4)))
+    model = randomize(ResNet50(widths=small_cfg(4)))
     bns = batchnorms(model)
     with torch.no_grad():
         for i in prunable_indices():  # 32 layers of 4: two tied γ, two larger ones
@@ -286,7 +286,7 @@ def test_ties_at_the_threshold_are_counted_and_named(tmp_path, monkeypatch, caps
     save_checkpoint(tmp_path / "model_sparse.pth", make_checkpoint(model))
     cfg = prune_cfg(tmp_path, tmp_path, output=str(tmp_path / "p.pth"), eval=False,
                     scope="prunable", ratio=0.3)
-    assert runner.run_worker(cfg) == 0
+    assert run_worker(cfg) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "note: 64 channels have |γ| equal to the threshold" in text
     assert "so 50.0% of the prunable channels went at ratio 0.3" in text

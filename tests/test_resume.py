@@ -20,11 +20,11 @@ import pytest
 from tests._faults import assert_same_run, env, finetune_args, make_shared, start
 from tests.helpers import make_small_checkpoint, run_cli, small_cfg
 from trainer.checkpoint import atomic_torch_save, load_checkpoint, safe_torch_load
-from trainer.cli import FINETUNE_DEFAULTS
+from trainer.config import FINETUNE_RECIPE as FINETUNE_DEFAULTS
 from trainer.config import RunConfig
-from trainer.engine import empty_history, make_optimizer
+from trainer.engine import make_optimizer
 from trainer.errors import ConfigError
-from trainer.fit import load_resume
+from trainer.fit import empty_history, load_resume
 from trainer.models import ResNet50
 
 DDP = ["--gpus", "2"]

@@ -1,4 +1,4 @@
-"""Training and fine-tuning (trainer.engine / fit / runner): the sparsity term, the default
+"""Training and fine-tuning (trainer.engine, fit, runtime, worker): the sparsity term, the default
 recipe's stability, the LR schedule, best-checkpoint semantics, output naming, the metrics
 CSV, the curves and determinism. In-process; the CLI is tested in test_workflow_cli.py."""
 
@@ -16,11 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import make_small_checkpoint, small_cfg
-from trainer import engine, fit, runner
+from trainer import engine, fit, models, paths, runtime
 from trainer.checkpoint import load_checkpoint, safe_torch_load
-from trainer.cli import FINETUNE_DEFAULTS, TRAIN_DEFAULTS
+from trainer.checks import validate
+from trainer.config import FINETUNE_RECIPE as FINETUNE_DEFAULTS
+from trainer.config import TRAIN_RECIPE as TRAIN_DEFAULTS
 from trainer.config import RunConfig
 from trainer.models import ResNet50, batchnorms
+from trainer.worker import run_worker
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -53,7 +56,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_add_sparsity_grad_adds_lambda_sign_gamma():
-    model = ResNet50(cfg=small_cfg(2))
+    model = ResNet50(widths=small_cfg(2))
     bn = model.layer1[0].bn1
     with torch.no_grad():
         bn.weight.copy_(torch.tensor([0.5, -0.25]))
@@ -77,7 +80,7 @@ def one_sgd_step(model: torch.nn.Module, lam: float, batch) -> torch.optim.Optim
     """One step of the real train loop with the default train recipe (SGD, momentum 0.9)."""
     cfg = RunConfig(command="train", **dict(TRAIN_DEFAULTS, warmup_epochs=0.0, sparsity=lam),
                     cpu=True, num_workers=0)
-    accelerator = runner.make_accelerator(cfg)
+    accelerator = runtime.make_accelerator(cfg)
     optimizer = engine.make_optimizer(model, cfg)
     engine.train_one_epoch(model, [batch], optimizer, accelerator=accelerator, cfg=cfg, epoch=0)
     return optimizer
@@ -85,7 +88,7 @@ def one_sgd_step(model: torch.nn.Module, lam: float, batch) -> torch.optim.Optim
 
 def test_sparsity_changes_gamma_by_lr_lambda_sign_in_one_sgd_step():
     torch.manual_seed(0)
-    base = ResNet50(cfg=small_cfg(3))
+    base = ResNet50(widths=small_cfg(3))
     with torch.no_grad():  # γ of both signs, none zero
         for _, bn in batchnorms(base):
             bn.weight.copy_(torch.randn_like(bn.weight).clamp(-2, 2))
@@ -120,12 +123,12 @@ def test_the_l1_term_keeps_its_size_under_the_fp16_loss_scaler():
     step() divides by it. Added in between, λ·sign(γ) shrank 65536-fold (sparse training in
     fp16 was not sparse). The CPU builds no scaler, so this one is put in by hand."""
     torch.manual_seed(0)
-    base = ResNet50(cfg=small_cfg(3))
+    base = ResNet50(widths=small_cfg(3))
     batch = (torch.randn(8, 3, 32, 32), torch.arange(8) % 10)
     lam = 1e-3
     cfg = RunConfig(command="train", **dict(TRAIN_DEFAULTS, warmup_epochs=0.0, sparsity=lam),
                     cpu=True, num_workers=0)
-    accelerator = runner.make_accelerator(cfg)
+    accelerator = runtime.make_accelerator(cfg)
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     scaled = copy.deepcopy(base)
     optimizer = accelerator.prepare_optimizer(engine.make_optimizer(scaled, cfg))
@@ -154,13 +157,13 @@ def test_default_train_recipe_is_stable_and_learns(monkeypatch):
                     synthetic_train=steps * batch, synthetic_test=16, limit_batches=steps,
                     cpu=True, num_workers=0, seed=0)
     assert TRAIN_DEFAULTS["lr"] == 0.1 and TRAIN_DEFAULTS["epochs"] > 2 * epochs  # no LR drop
-    accelerator = runner.make_accelerator(cfg)
-    data = runner.load_data(cfg)
-    train_loader, _ = runner.make_loaders(cfg, data, accelerator)
+    accelerator = runtime.make_accelerator(cfg)
+    data = runtime.load_data(cfg)
+    train_loader = runtime.training_loader(cfg, data, accelerator)
     torch.manual_seed(cfg.seed)
-    model = runner.fresh_model(data.num_classes)  # exactly what cmd_train builds
+    model = models.fresh_model(data.num_classes)  # exactly what cmd_train builds
     optimizer = engine.make_optimizer(model, cfg)
-    model, optimizer = runner.prepare_model(model, cfg, accelerator, optimizer)
+    model, optimizer = runtime.prepare_model(model, cfg, accelerator, optimizer)
     losses: list[float] = []
 
     def recording_ce(*args, **kwargs):
@@ -250,13 +253,13 @@ def test_warmup_ramps_linearly_then_holds():
 ])
 def test_output_and_plot_paths(command, over, out, plot):
     cfg = RunConfig(command=command, **over)
-    output = runner.output_path(cfg)
+    output = paths.output_path(cfg)
     assert output == Path(out)
-    assert runner.plot_path(cfg, output) == Path(plot)
+    assert paths.plot_path(cfg, output) == Path(plot)
 
 
 def test_evaluate_writes_nothing():
-    assert runner.output_path(RunConfig(command="evaluate", checkpoint="x.pth")) is None
+    assert paths.output_path(RunConfig(command="evaluate", checkpoint="x.pth")) is None
 
 
 def test_train_defaults_name_the_output_by_sparsity(tmp_path, fake_cifar10, monkeypatch):
@@ -267,7 +270,7 @@ def test_train_defaults_name_the_output_by_sparsity(tmp_path, fake_cifar10, monk
                                             sparsity=1e-4, lr=0.01), init=str(init),
                     dataset="cifar10", data_dir=str(fake_cifar10), download=False, cpu=True,
                     num_workers=0, limit_batches=1)
-    assert runner.run_worker(cfg) == 0
+    assert run_worker(cfg) == 0
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "model_sparse.pth")
     assert ckpt["config"]["sparsity"] == 1e-4 and ckpt["cfg"] == small_cfg(2)
     assert len(ckpt["history"]["epoch"]) == 1
@@ -300,7 +303,7 @@ def test_best_checkpoint_written_only_on_improvement(tmp_path, fake_cifar10, mon
 
     monkeypatch.setattr(fit, "evaluate", scripted_evaluate)
     monkeypatch.setattr(fit, "save_checkpoint", recording_save)
-    assert runner.run_worker(finetune_cfg(fake_cifar10, src)) == 0
+    assert run_worker(finetune_cfg(fake_cifar10, src)) == 0
     out = tmp_path / "checkpoints" / "model_prune_50_finetune.pth"
     # written at epoch 1 (first result) and epoch 2 (improved), not at epoch 3 (worse)
     assert writes == [(out.name, 1, 1), (out.name, 2, 2)]
@@ -326,7 +329,7 @@ def test_finetune_history_csv_plot_and_determinism(tmp_path, fake_cifar10, monke
     for run in ("a", "b"):
         out = tmp_path / run / "model_prune_finetune.pth"
         cfg = finetune_cfg(fake_cifar10, src, epochs=2, output=str(out))
-        assert runner.run_worker(cfg) == 0
+        assert run_worker(cfg) == 0
         ckpt = load_checkpoint(out)
         last = safe_torch_load(out.with_name(out.stem + ".last.pth"))
         hist = last["history"]
@@ -339,7 +342,7 @@ def test_finetune_history_csv_plot_and_determinism(tmp_path, fake_cifar10, monke
         assert ckpt["best_acc"] == max(hist["test_acc"])
         assert ckpt["best_epoch"] == hist["test_acc"].index(max(hist["test_acc"])) + 1
         rows = read_csv(out.with_name(out.stem + "_metrics.csv"))
-        assert len(rows) == 2 and list(rows[0]) == list(engine.HISTORY_KEYS)
+        assert len(rows) == 2 and list(rows[0]) == list(fit.HISTORY_KEYS)
         assert [float(r["train_loss"]) for r in rows] == pytest.approx(hist["train_loss"])
     # the lab's file name -> the lab's figure name
     assert_png(tmp_path / "plots" / "finetuning_results.png")
@@ -378,7 +381,7 @@ def test_weights_that_diverge_in_the_last_step_stop_the_run_at_the_evaluation(
     monkeypatch.setattr(fit, "evaluate", diverged_in_epoch_2)
     out = tmp_path / "o" / "x.pth"
     with pytest.raises(TrainingError, match="test loss became non-finite after epoch 2"):
-        runner.run_worker(finetune_cfg(fake_cifar10, src, epochs=3, output=str(out)))
+        run_worker(finetune_cfg(fake_cifar10, src, epochs=3, output=str(out)))
     assert load_checkpoint(out)["best_epoch"] == 1
     assert safe_torch_load(out.with_name("x.last.pth"))["epoch"] == 1
 
@@ -393,4 +396,4 @@ def test_validate_refuses_settings_that_cannot_train(field, value, needle):
     from trainer.errors import ConfigError
 
     with pytest.raises(ConfigError, match=needle):
-        runner.validate(RunConfig(command="finetune", checkpoint="x.pth", **{field: value}))
+        validate(RunConfig(command="finetune", checkpoint="x.pth", **{field: value}))

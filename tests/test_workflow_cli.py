@@ -152,7 +152,7 @@ def test_finetune_epochs_zero(tmp_path):
 
 @pytest.mark.slow
 def test_prune_non_finite_gamma_checkpoint(tmp_path):
-    model = ResNet50(cfg=small_cfg(2))
+    model = ResNet50(widths=small_cfg(2))
     with torch.no_grad():
         model.layer2[0].bn2.weight.fill_(float("nan"))  # a diverged run
     src = tmp_path / "model_sparse.pth"

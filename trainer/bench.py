@@ -28,25 +28,24 @@ slower: quote ``--checkpoint`` figures when one exists.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-import typer
 from torch import nn
 
-from trainer.config import RunConfig
+from trainer.checks import check_ratio
+from trainer.config import LOADER_KINDS, RunConfig
 from trainer.errors import ConfigError
 from trainer.models import ResNet50, batchnorms
 from trainer.profiling import Timer
+from trainer.runtime import channels_last, prepare_model, training_loader
 
-LOADERS = ("torch", "gpu")
 DEFAULT_RATIO = 0.9
 IMAGE_SIZE = 32  # CIFAR
 
@@ -83,9 +82,7 @@ def bench_models(checkpoint: str | None = None, ratio: float | None = None,
     else:
         from trainer.prune import prune
 
-        ratio = DEFAULT_RATIO if ratio is None else ratio
-        if not 0 < ratio < 1:
-            raise ConfigError(f"--ratio {ratio} is outside (0, 1); e.g. --ratio 0.9")
+        ratio = check_ratio(DEFAULT_RATIO if ratio is None else ratio)
         unpruned = random_gamma_resnet(10, seed)
         pruned = prune(unpruned, ratio).model
         source = {"checkpoint": None, "ratio": ratio, "gammas": f"U(0, 1), seed {seed}"}
@@ -131,14 +128,10 @@ def measure(cases: list[Case], repeats: int, device: torch.device) -> dict[str, 
 # ---------------------------------------------------------------- the three measurements
 
 
-def _channels_last(cfg: RunConfig, device: torch.device) -> bool:
-    return cfg.channels_last and device.type == "cuda"  # the rule of runner.prepare_model
-
-
 def _on_device(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Module:
     """A copy of ``model`` on ``device`` in the memory format and compile mode of ``cfg``."""
     m = copy.deepcopy(model).to(device)
-    if _channels_last(cfg, device):
+    if channels_last(cfg, device):
         m = m.to(memory_format=torch.channels_last)
     return torch.compile(m) if cfg.compile else m
 
@@ -146,7 +139,7 @@ def _on_device(model: nn.Module, cfg: RunConfig, device: torch.device) -> nn.Mod
 def _batch(cfg: RunConfig, device: torch.device, batch: int, classes: int):
     gen = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen).to(device)
-    if _channels_last(cfg, device):
+    if channels_last(cfg, device):
         x = x.contiguous(memory_format=torch.channels_last)
     return x, torch.randint(0, classes, (batch,), generator=gen).to(device)
 
@@ -173,15 +166,9 @@ def model_limit_case(model: nn.Module, cfg: RunConfig, device: torch.device, ste
 def loop_case(model: nn.Module, cfg: RunConfig, accelerator, data, kind: str,
               name: str | None = None) -> Case:
     """One epoch of ``cfg.limit_batches`` steps through the real fine-tune code path."""
-    from trainer.data import make_train_loader
     from trainer.engine import make_optimizer, train_one_epoch
-    from trainer.runner import per_process_batch, prepare_model
 
-    loader = make_train_loader(
-        data, batch_size=per_process_batch(cfg), num_workers=cfg.num_workers,
-        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
-        kind=kind, device=accelerator.device, limit_batches=cfg.limit_batches,
-        channels_last=_channels_last(cfg, accelerator.device))
+    loader = training_loader(cfg, data, accelerator, kind)
     m = copy.deepcopy(model).to(accelerator.device)
     optimizer = make_optimizer(m, cfg)
     m, optimizer = prepare_model(m, cfg, accelerator, optimizer)
@@ -221,7 +208,7 @@ class BenchOptions:
     repeats: int = 5
     cpu: bool = False
     num_workers: int = 2
-    loaders: tuple[str, ...] = LOADERS
+    loaders: tuple[str, ...] = LOADER_KINDS
     seed: int = 0
     compile: bool = False
     tf32: bool = True
@@ -237,10 +224,10 @@ def check_options(opts: BenchOptions) -> None:
             raise ConfigError(f"{flag} {value}: must be 1 or more")
     if opts.num_workers < 0:
         raise ConfigError(f"--num-workers {opts.num_workers}: must be 0 or more")
-    bad = [k for k in opts.loaders if k not in LOADERS]
+    bad = [k for k in opts.loaders if k not in LOADER_KINDS]
     if bad or not opts.loaders:
         raise ConfigError(f"--loaders {','.join(opts.loaders)!r}: use a comma-separated "
-                          f"subset of {','.join(LOADERS)}")
+                          f"subset of {','.join(LOADER_KINDS)}")
 
 
 def run_config(opts: BenchOptions, **changes: Any) -> RunConfig:
@@ -291,7 +278,7 @@ def cpu_model() -> str:
 
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     """Measure model limit, loop per loader and inference; return the result dict."""
-    from trainer.runner import loader_kind, make_accelerator
+    from trainer.runtime import loader_kind, make_accelerator
 
     check_options(opts)
     load_before = os.getloadavg()
@@ -341,104 +328,3 @@ def summarize(res: dict[str, dict[str, Any]], opts: BenchOptions, device: torch.
 def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
     """Median over rounds of a_r / b_r: round r of both ran back to back, under one load."""
     return statistics.median(x / y for x, y in zip(a["runs_img_s"], b["runs_img_s"]))
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def _rows(result: dict[str, Any]) -> list[tuple[str, float, list[float], float | None]]:
-    limit = result["model_limit_img_s"]
-    runs = result["runs_img_s"]
-    rows = [("model limit (fwd+bwd+Adam, batch on device)", limit, runs["model_limit"], 1.0)]
-    for kind, rate in result["loop_img_s"].items():
-        workers = f", {result['num_workers']} workers" if kind == "torch" else ""
-        rows.append((f"fine-tune loop, {kind} loader{workers}", rate, runs[f"loop_{kind}"],
-                     rate / limit))
-    for name, rate in result.get("inference_img_s", {}).items():
-        rows.append((f"inference, {name} model", rate, runs[f"inference_{name}"], None))
-    return rows
-
-
-def print_result(result: dict[str, Any]) -> None:
-    """A table of medians (and the spread of the runs) plus the headline ratios."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=120)  # logs: no wrapping at 80 columns
-    m = result["model"]
-    table = Table(title=f"bench on {result['device_name']} ({result['device']}), batch "
-                        f"{result['batch_size']}, {result['steps']} steps x "
-                        f"{result['repeats']} repeats, torch {result['torch']}")
-    for col in ("measurement", "images/s (median)", "runs min-max", "/ model limit"):
-        table.add_column(col, justify="left" if col == "measurement" else "right")
-    for label, rate, runs, ratio in _rows(result):
-        table.add_row(label, f"{rate:,.1f}", f"{min(runs):,.1f}-{max(runs):,.1f}",
-                      "" if ratio is None else f"{ratio:.3f}")
-    console.print(table)
-    console.print(f"pruned model: {m['pruned_params']:,} params, {m['pruned_macs'] / 1e6:.1f}M "
-                  f"MACs/image; unpruned {m['unpruned_params']:,} params, "
-                  f"{m['unpruned_macs'] / 1e6:.1f}M MACs/image")
-    if result["loop_over_model_limit"] is not None:
-        kind = result["default_loader"]
-        console.print(f"loop / model limit ({kind} loader, the default here): "
-                      f"{result['loop_over_model_limit']:.3f} (ratio of medians); "
-                      f"{result['loop_over_model_limit_paired'][kind]:.3f} (median of "
-                      "per-round ratios)")
-    if "inference_speedup" in result:
-        console.print(f"inference: pruned / unpruned = {result['inference_speedup']:.2f}x")
-
-
-def parse_loaders(text: str) -> tuple[str, ...]:
-    return tuple(k.strip() for k in text.split(",") if k.strip())
-
-
-def bench_command(
-    checkpoint: Annotated[str | None, typer.Option(
-        "--checkpoint", help="Measure this (pruned) checkpoint.")] = None,
-    ratio: Annotated[float | None, typer.Option(
-        "--ratio", help="Without --checkpoint: prune a random-gamma ResNet-50 at this ratio "
-                        "(default 0.9).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size.")] = 100,
-    steps: Annotated[int, typer.Option("--steps", help="Batches per timed round.")] = 10,
-    repeats: Annotated[int, typer.Option(
-        "--repeats", help="Timed rounds per measurement (the median is reported).")] = 5,
-    cpu: Annotated[bool, typer.Option("--cpu", help="Run on CPU even if CUDA exists.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    num_workers: Annotated[int, typer.Option(
-        "--num-workers", help="DataLoader workers of the torch loader.")] = 2,
-    loaders: Annotated[str, typer.Option(
-        "--loaders", help="Loader kinds to time, comma-separated: torch, gpu.")] = "torch,gpu",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of gammas, weights, data.")] = 0,
-    compile_: Annotated[bool, typer.Option(
-        "--compile/--no-compile", help="torch.compile (compile time is in warmup_s).")] = False,
-    tf32: Annotated[bool, typer.Option(
-        "--tf32/--no-tf32", help="TF32 convolutions on CUDA (PyTorch default).")] = True,
-    channels_last: Annotated[bool, typer.Option(
-        "--channels-last/--no-channels-last", help="channels_last on CUDA.")] = True,
-    inference: Annotated[bool, typer.Option(
-        "--inference/--no-inference", help="Also time pruned vs unpruned inference.")] = True,
-) -> int:
-    """Images/s of the model alone, of the real fine-tune loop per loader, and of inference.
-
-    Model limit = forward+backward+Adam on a batch already on the device; loop = the real
-    train_one_epoch with each loader on CIFAR-shaped synthetic data; the ratio loop / model
-    limit says how much the data pipeline and the framework cost. Medians of --repeats
-    interleaved rounds after a warm-up round.
-    """
-    opts = BenchOptions(checkpoint=checkpoint, ratio=ratio, batch_size=batch_size, steps=steps,
-                        repeats=repeats, cpu=cpu, num_workers=num_workers,
-                        loaders=parse_loaders(loaders), seed=seed, compile=compile_, tf32=tf32,
-                        channels_last=channels_last, inference=inference)
-    result = run_bench(opts)
-    if json_out:
-        print(json.dumps(result))
-    else:
-        print_result(result)
-    return 0
-
-
-def register(app: typer.Typer) -> None:
-    """Add the ``bench`` command to ``app``."""
-    app.command("bench")(bench_command)

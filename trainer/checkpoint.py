@@ -2,18 +2,17 @@
 
 A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` accepts::
 
-    format_version, arch, num_classes, cfg (49 ints), state_dict (unwrapped),
+    format_version, arch, num_classes, cfg (the 49 channel widths), state_dict (unwrapped),
     and where they apply: history, best_acc, best_epoch, config, prune
 
 The lab's bare ``{cfg, state_dict}`` files (with or without ``module.`` prefixes) load too.
+The key stays ``cfg`` for the lab's files; in code the list is called ``widths``.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import signal
-import time
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +23,14 @@ from torch import nn
 
 from trainer.errors import CheckpointError
 from trainer.files import atomic_path
-from trainer.models import ARCH, ResNet50, bn_names, effective_cfg, unwrap_model, validate_cfg
+from trainer.models import (
+    ARCH,
+    ResNet50,
+    bn_names,
+    effective_widths,
+    unwrap_model,
+    validate_widths,
+)
 
 FORMAT_VERSION = 1
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -56,7 +62,7 @@ def make_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "arch": ARCH,
         "num_classes": int(bare.fc.out_features),
-        "cfg": list(bare.cfg),
+        "cfg": list(bare.widths),
         "state_dict": state,
     }
     ckpt.update({k: v for k, v in extra.items() if v is not None})
@@ -70,28 +76,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)
-        fh.flush()
-        _test_kill_in_save(Path(path), fh)
-
-
-_SAVES: dict[str, int] = {}
-
-
-def _test_kill_in_save(path: Path, fh) -> None:
-    """Fault injection for the test-suite (env vars; no effect unless set), between writing
-    the temp file and renaming it: ``SLIMTUNE_TEST_KILL_IN_SAVE=<file name>:<n>`` SIGKILLs
-    this process during its n-th write of that file, with half the bytes written;
-    ``SLIMTUNE_TEST_SAVE_SLEEP=<seconds>`` sleeps there (a signal can arrive mid-write)."""
-    spec = os.environ.get("SLIMTUNE_TEST_KILL_IN_SAVE")
-    if spec:
-        name, _, nth = spec.rpartition(":")
-        _SAVES[path.name] = _SAVES.get(path.name, 0) + 1
-        if name == path.name and _SAVES[path.name] == int(nth):
-            fh.truncate(fh.tell() // 2)
-            fh.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-    if os.environ.get("SLIMTUNE_TEST_SAVE_SLEEP"):
-        time.sleep(float(os.environ["SLIMTUNE_TEST_SAVE_SLEEP"]))
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: Mapping[str, Any]) -> None:
@@ -180,11 +164,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} is a {arch!r} checkpoint; slimtune works on {ARCH!r} only")
     if raw.get("kind") == "resume" and isinstance(raw.get("model"), Mapping):
         # a run's <stem>.last.pth: the weights of its last finished epoch (not its best)
-        raw = {"cfg": _cfg_from_shapes(path, clean_state_dict(raw["model"])),
+        raw = {"cfg": _widths_from_shapes(path, clean_state_dict(raw["model"])),
                "state_dict": raw["model"],
                **{k: raw[k] for k in ("history", "config") if k in raw}}
     if "cfg" not in raw and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raw = {"cfg": _cfg_from_shapes(path, clean_state_dict(raw)), "state_dict": raw}
+        raw = {"cfg": _widths_from_shapes(path, clean_state_dict(raw)), "state_dict": raw}
     for key in ("cfg", "state_dict"):
         if key not in raw:
             keys = [str(k) for k in raw]
@@ -199,7 +183,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     state = clean_state_dict(raw["state_dict"])
     _check_types(path, raw, state)
     try:
-        cfg = validate_cfg(raw["cfg"])
+        widths = validate_widths(raw["cfg"])
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     if "fc.weight" not in state:
@@ -207,10 +191,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     num_classes = raw.get("num_classes")
     if num_classes is None:
         num_classes = int(state["fc.weight"].shape[0])
-    check_state_dict(state, cfg, num_classes, source=str(path))
+    check_state_dict(state, widths, num_classes, source=str(path))
     ckpt = dict(raw)
     ckpt.update(format_version=raw.get("format_version", 0), arch=ARCH,
-                num_classes=num_classes, cfg=cfg, state_dict=state)
+                num_classes=num_classes, cfg=widths, state_dict=state)
     if isinstance(raw.get("best_acc"), torch.Tensor):  # a lab file's: plain values from here on
         ckpt["best_acc"] = raw["best_acc"].item()
     if isinstance(raw.get("history"), Mapping):
@@ -251,8 +235,10 @@ def _check_types(path, raw: Mapping, state: Mapping) -> None:
                               "or damaged: re-create it")
 
 
-def _cfg_from_shapes(path: str | os.PathLike, state: Mapping[str, torch.Tensor]) -> list[int]:
-    """The cfg of a bare state_dict (``torch.save(model.state_dict())``): each BatchNorm's width."""
+def _widths_from_shapes(path: str | os.PathLike,
+                        state: Mapping[str, torch.Tensor]) -> list[int]:
+    """The widths of a bare state_dict (``torch.save(model.state_dict())``): each BatchNorm's
+    width."""
     try:
         return [int(state[f"{name}.weight"].shape[0]) for name in bn_names()]
     except KeyError:
@@ -262,18 +248,18 @@ def _cfg_from_shapes(path: str | os.PathLike, state: Mapping[str, torch.Tensor])
             "{cfg, state_dict}") from None
 
 
-def check_state_dict(state: Mapping[str, torch.Tensor], cfg: list[int], num_classes: int,
+def check_state_dict(state: Mapping[str, torch.Tensor], widths: list[int], num_classes: int,
                      source: str = "checkpoint") -> None:
-    """Raise CheckpointError if ``state`` does not fit ``ResNet50(num_classes, cfg)``."""
+    """Raise CheckpointError if ``state`` does not fit ``ResNet50(num_classes, widths)``."""
     with torch.device("meta"):
-        expected = ResNet50(num_classes, cfg).state_dict()
+        expected = ResNet50(num_classes, widths).state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     for key, ref in expected.items():
         if key in state and tuple(state[key].shape) != tuple(ref.shape):
             raise CheckpointError(
                 f"{source}: {key} has shape {tuple(state[key].shape)} but the cfg "
-                f"({_cfg_entry_for(key, cfg)}) expects {tuple(ref.shape)}; "
+                f"({_cfg_entry_for(key, widths)}) expects {tuple(ref.shape)}; "
                 "cfg and state_dict disagree"
             )
     if missing or unexpected:
@@ -285,9 +271,9 @@ def check_state_dict(state: Mapping[str, torch.Tensor], cfg: list[int], num_clas
         raise CheckpointError(f"{source}: state_dict does not match {ARCH}: {'; '.join(parts)}")
 
 
-def _cfg_entry_for(key: str, cfg: list[int]) -> str:
+def _cfg_entry_for(key: str, widths: list[int]) -> str:
     names = bn_names()
-    eff = effective_cfg(cfg)
+    eff = effective_widths(widths)
     layer = key.rsplit(".", 1)[0]
     for i, name in enumerate(names):
         if layer == name or layer == name.replace("bn", "conv"):

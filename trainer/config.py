@@ -1,10 +1,38 @@
-"""One dataclass holds a run's settings; the CLI fills it and the run saves it resolved."""
+"""The facts a run is made of, in one place: the choice lists, the recipes, and the one
+dataclass that holds a run's settings (the CLI fills it; the run saves it resolved).
+
+Pure Python: the launcher reads this module without importing torch.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+# ---------------------------------------------------------------- choice lists
+
+RUN_COMMANDS = ("train", "prune", "finetune", "evaluate", "pipeline")
+DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
+LOADERS = ("auto", "torch", "gpu")  # auto = gpu on CUDA (in-memory datasets), else torch
+LOADER_KINDS = ("torch", "gpu")  # what "auto" resolves to
+OPTIMIZERS = ("sgd", "adam")
+MODES = ("ddp", "dp")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+SCOPES = ("all", "prunable")
+
+# ---------------------------------------------------------------- recipes
+
+# Sparse training: the network-slimming CIFAR recipe (SGD momentum 0.9, wd 1e-4, lr 0.1,
+# ÷10 at 50%/75%, 160 epochs, batch 64) plus a 1-epoch warm-up, without which the lab's
+# ResNet-50 diverges at lr 0.1.
+TRAIN_RECIPE: dict[str, Any] = {"epochs": 160, "batch_size": 64, "lr": 0.1, "optimizer": "sgd",
+                                "weight_decay": 1e-4, "warmup_epochs": 1.0, "sparsity": 0.0}
+# Fine-tuning: the lab's (Adam 1e-3, ÷10 at 50%/75%, 20 epochs, batch 100, FP32).
+FINETUNE_RECIPE: dict[str, Any] = {"epochs": 20, "batch_size": 100, "lr": 1e-3,
+                                   "optimizer": "adam", "weight_decay": 0.0,
+                                   "warmup_epochs": 0.0, "sparsity": 0.0}
+SPARSITY = 1e-4  # λ of the paper's CIFAR runs; pipeline's default
 
 # Fields that only steer the launcher (how processes start), not what a worker computes.
 LAUNCHER_FIELDS = frozenset({
@@ -13,11 +41,16 @@ LAUNCHER_FIELDS = frozenset({
 })
 
 # Settings whose change alters the numbers a run produces; resuming with any of them
-# different is refused (see trainer.resume).
+# different is refused (trainer.fit.resume_mismatch).
 RESULT_FIELDS = ("command", "dataset", "data_dir", "image_size", "batch_size", "epochs", "lr",
                  "optimizer", "momentum", "weight_decay", "warmup_epochs", "sparsity", "ratio",
                  "seed", "limit_batches", "checkpoint", "init", "mode", "num_processes",
-                 "mixed_precision", "loader", "synthetic_train", "synthetic_test")
+                 "mixed_precision", "loader", "synthetic_train", "synthetic_test", "gamma_init")
+
+# Settings that do not change a run's numbers; left out of the saved config so a resumed
+# run's checkpoint equals an uninterrupted run's.
+VOLATILE_FIELDS = ("resume", "force_resume", "dry_run", "debug", "num_workers", "log_with",
+                   "json")
 
 
 @dataclass
@@ -33,22 +66,23 @@ class RunConfig:
     synthetic_train: int = 5000  # images in the synthetic train split
     synthetic_test: int = 1000
     num_workers: int = 2
-    loader: str = "auto"  # auto = gpu on CUDA, torch elsewhere
+    loader: str = "auto"
     limit_batches: int | None = None  # cap on training batches per epoch (smoke runs)
     # model / files
     checkpoint: str | None = None  # input checkpoint (finetune/prune/evaluate)
     init: str | None = None  # train: start from this checkpoint's weights
+    gamma_init: float = 1.0  # train from scratch: initial BatchNorm γ (bn3 of each block: 0)
     output: str | None = None
     plot: str | None = None
-    # optimisation
-    epochs: int = 20
-    batch_size: int = 100  # global batch, split across processes
-    lr: float = 1e-3
-    optimizer: str = "adam"
+    # optimisation (defaults: the fine-tune recipe)
+    epochs: int = FINETUNE_RECIPE["epochs"]
+    batch_size: int = FINETUNE_RECIPE["batch_size"]  # global batch, split across processes
+    lr: float = FINETUNE_RECIPE["lr"]
+    optimizer: str = FINETUNE_RECIPE["optimizer"]
     momentum: float = 0.9
-    weight_decay: float = 0.0
-    warmup_epochs: float = 0.0  # linear LR warm-up, in epochs (fractions allowed)
-    sparsity: float = 0.0  # lambda of the L1 penalty on BatchNorm gamma
+    weight_decay: float = FINETUNE_RECIPE["weight_decay"]
+    warmup_epochs: float = FINETUNE_RECIPE["warmup_epochs"]  # linear LR warm-up, in epochs
+    sparsity: float = 0.0  # λ of the L1 penalty on BatchNorm γ
     # pruning
     ratio: float | None = None
     ratios: tuple[float, ...] = (0.5, 0.9)
@@ -58,9 +92,9 @@ class RunConfig:
     # pipeline
     train_epochs: int = 20
     finetune_epochs: int = 10
-    finetune_batch_size: int = 100  # pipeline: global batch of the fine-tune stages (lab: 100)
-    train_lr: float = 0.1  # pipeline: SGD LR of the sparse training stage
-    finetune_lr: float = 1e-3  # pipeline: Adam LR of the fine-tune stages
+    finetune_batch_size: int = FINETUNE_RECIPE["batch_size"]  # global batch of fine-tunes
+    train_lr: float = TRAIN_RECIPE["lr"]  # SGD LR of the sparse training stage
+    finetune_lr: float = FINETUNE_RECIPE["lr"]  # Adam LR of the fine-tune stages
     workdir: str = "."
     # device / process
     seed: int = 0
@@ -105,6 +139,11 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+def saved_config(cfg: RunConfig) -> dict[str, Any]:
+    """The settings a checkpoint records: everything that shapes its numbers."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in VOLATILE_FIELDS}
 
 
 def worker_fields() -> list[dataclasses.Field]:

@@ -8,24 +8,35 @@ that torchrun / accelerate launch set).
 from __future__ import annotations
 
 import os
-
-import torch
-import torch.distributed as dist
+import sys
 
 from trainer.errors import StopRequested
 from trainer.files import atomic_write_text
 
 
+def _group():
+    """torch.distributed when a process group is up, else None. Without torch imported there
+    can be no group: the launcher and ``--help`` read the rank without importing torch."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+def _several():
+    """torch.distributed when a group of more than one process is up, else None."""
+    dist = _group()
+    return dist if dist is not None and dist.get_world_size() > 1 else None
+
+
 def rank() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    dist = _group()
+    return dist.get_rank() if dist is not None else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    dist = _group()
+    return dist.get_world_size() if dist is not None else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main() -> bool:
@@ -34,37 +45,34 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    dist = _several()
+    if dist is not None:
         dist.barrier()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks (in place, returned); a no-op in one process."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+def all_reduce_sum(t):
+    """Sum tensor ``t`` over ranks (in place, returned); a no-op in one process."""
+    dist = _several()
+    if dist is not None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    """Element-wise max of ``t`` over ranks (in place, returned); a no-op in one process."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+def all_reduce_max(t):
+    """Element-wise max of tensor ``t`` over ranks (in place, returned); a no-op in one
+    process."""
+    dist = _several()
+    if dist is not None:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
-def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True if ``flag`` is set on any rank (a collective: every rank must call it)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce_sum(t).item() > 0)
-
-
-def broadcast_object(obj):
-    """Rank 0's ``obj`` on every rank (a collective)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
+def broadcast(t, src: int = 0):
+    """Rank ``src``'s tensor ``t`` on every rank (in place, returned); a no-op in one process."""
+    dist = _several()
+    if dist is not None:
+        dist.broadcast(t, src=src)
+    return t
 
 
 # Messages of a rank whose collective failed because ANOTHER rank died (gloo / NCCL).
@@ -78,7 +86,7 @@ def is_peer_loss(message: str) -> bool:
     return any(p in lowered for p in _PEER_LOSS)
 
 
-# How a rank of a launched job ended, for the launcher (launch.launcher.run_job).
+# How a rank of a launched job ended, for the launcher (launch.supervise.run_job).
 FAILURE_DIR_ENV = "SLIMTUNE_FAILURE_DIR"
 
 

@@ -1,27 +1,21 @@
-"""The loop: one training epoch, exact evaluation, and ``fit`` (best checkpoint, resume
-state, metrics CSV, curves). ``train_one_epoch`` and ``evaluate`` return metric dicts
-and do no I/O; ``fit`` does the I/O on the main process only.
+"""The loop's parts: LR schedule, optimizer, the sparsity term, stop requests, one training
+epoch and exact evaluation. ``train_one_epoch`` and ``evaluate`` return metric dicts and do no
+I/O (``trainer.fit`` runs the epochs and writes the files, on the main process only).
 """
 
 from __future__ import annotations
 
-import csv
-import math
 import signal
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trainer import dist
-from trainer.checkpoint import HISTORY_KEYS
 from trainer.config import RunConfig
 from trainer.errors import StopRequested, TrainingError
-from trainer.files import atomic_path
 from trainer.models import unwrap_model
 
 # ---------------------------------------------------------------- LR schedule
@@ -104,6 +98,11 @@ class StopFlag:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.signum = signum
+        # From now on a DataLoader worker's death is expected: the same signal sent to the
+        # whole process group (Ctrl-C, a scheduler, `timeout`) ends the workers too, and
+        # torch's SIGCHLD handler would raise "worker ... is killed by signal" from wherever
+        # this process is then, e.g. DataLoader.__del__ after the clean stop message.
+        self._previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -176,7 +175,6 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         set_lr(optimizer, lr_at(cfg, epoch, step, steps))
         out = _forward(model, x, accelerator)
         loss = F.cross_entropy(out.float(), y)
-        _test_hooks(loss, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if cfg.sparsity > 0:
@@ -214,7 +212,7 @@ def sync_buffers(model: nn.Module) -> None:
     evaluation matches the checkpoint rank 0 writes. A collective."""
     if dist.world_size() > 1:
         for buf in unwrap_model(model).buffers():
-            torch.distributed.broadcast(buf, src=0)
+            dist.broadcast(buf, src=0)
 
 
 @torch.no_grad()
@@ -246,58 +244,3 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator) -> dict[str, float
     return {"loss": sums[0].item() / max(total, 1),
             "accuracy": 100.0 * sums[1].item() / max(total, 1),
             "correct": int(sums[1].item()), "total": total}
-
-
-def _test_hooks(loss: torch.Tensor, epoch: int, step: int) -> None:
-    """Fault injection for the test-suite (env vars; no effect unless set).
-
-    SLIMTUNE_TEST_FAIL_RANK=R: raise on rank R. SLIMTUNE_TEST_NAN_RANK=R[:E:S]: rank R's loss
-    is NaN from step S (default 2) of epoch E (default 1) on. SLIMTUNE_TEST_STEP_SLEEP=T: sleep
-    T seconds per step.
-    SLIMTUNE_TEST_KILL_AT=E:S[:R]: SIGKILL rank R (default 0) at step S of epoch E (1-based).
-    """
-    import os
-
-    fail_rank = os.environ.get("SLIMTUNE_TEST_FAIL_RANK")
-    if fail_rank is not None and int(fail_rank) == dist.rank():
-        raise RuntimeError(f"injected failure on rank {fail_rank} (SLIMTUNE_TEST_FAIL_RANK)")
-    nan_at = os.environ.get("SLIMTUNE_TEST_NAN_RANK")
-    if nan_at:
-        r, e, s = (list(map(int, nan_at.split(":"))) + [1, 2])[:3]
-        if r == dist.rank() and (epoch + 1, step + 1) >= (e, s):
-            loss.data.fill_(math.nan)
-    kill_at = os.environ.get("SLIMTUNE_TEST_KILL_AT")
-    if kill_at:
-        e, s, r = (list(map(int, kill_at.split(":"))) + [0])[:3]
-        if (e, s, r) == (epoch + 1, step + 1, dist.rank()):
-            os.kill(os.getpid(), signal.SIGKILL)
-    slow = os.environ.get("SLIMTUNE_TEST_STEP_SLEEP")
-    if slow:
-        time.sleep(float(slow))
-
-
-# ---------------------------------------------------------------- files beside the output
-
-
-def run_paths(output: Path) -> dict[str, Path]:
-    """Files a run writes next to its best checkpoint ``output``."""
-    return {"best": output, "last": output.with_name(output.stem + ".last.pth"),
-            "csv": output.with_name(output.stem + "_metrics.csv")}
-
-
-def write_csv(path: Path, history: dict[str, list], append_last: bool) -> None:
-    """Append the newest epoch (flushed, for ``tail -f``), or rewrite from ``history``."""
-    rows = zip(*(history[k] for k in HISTORY_KEYS))
-    if append_last and path.exists():
-        with path.open("a", newline="") as fh:
-            csv.writer(fh).writerow([history[k][-1] for k in HISTORY_KEYS])
-            fh.flush()
-        return
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(HISTORY_KEYS)
-        writer.writerows(rows)
-
-
-def empty_history() -> dict[str, list]:
-    return {k: [] for k in HISTORY_KEYS}

@@ -1,8 +1,10 @@
 """``fit``: epochs of train + evaluate with best checkpoint, resume state, metrics CSV,
-curves. All file writes happen on the main process; every rank runs every collective."""
+curves; and the resume rules. All file writes happen on the main process; every rank runs
+every collective."""
 
 from __future__ import annotations
 
+import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,31 +14,39 @@ import torch
 from torch import nn
 
 from trainer import dist
-from trainer.checkpoint import atomic_torch_save, make_checkpoint, safe_torch_load, save_checkpoint
-from trainer.config import RESULT_FIELDS, RunConfig
-from trainer.engine import (
-    STOP,
-    empty_history,
-    eval_view,
-    evaluate,
-    lr_at,
-    run_paths,
-    sync_buffers,
-    train_one_epoch,
-    write_csv,
+from trainer.checkpoint import (
+    HISTORY_KEYS,
+    atomic_torch_save,
+    make_checkpoint,
+    safe_torch_load,
+    save_checkpoint,
 )
+from trainer.config import RESULT_FIELDS, RunConfig, saved_config
+from trainer.engine import STOP, eval_view, evaluate, lr_at, sync_buffers, train_one_epoch
 from trainer.errors import CheckpointError, ConfigError, StopRequested, TrainingError
+from trainer.files import atomic_path
 from trainer.gpu_loader import derive_seed
 from trainer.models import unwrap_model
+from trainer.paths import run_paths
 from trainer.progress import EpochProgress, say
 
-# Settings that do not change a run's numbers; left out of the saved config so a resumed
-# run's checkpoint equals an uninterrupted run's.
-_VOLATILE = ("resume", "force_resume", "dry_run", "debug", "num_workers", "log_with", "json")
+
+def empty_history() -> dict[str, list]:
+    return {k: [] for k in HISTORY_KEYS}
 
 
-def saved_config(cfg: RunConfig) -> dict[str, Any]:
-    return {k: v for k, v in cfg.to_dict().items() if k not in _VOLATILE}
+def write_csv(path: Path, history: dict[str, list], append_last: bool) -> None:
+    """Append the newest epoch (flushed, for ``tail -f``), or rewrite from ``history``."""
+    rows = zip(*(history[k] for k in HISTORY_KEYS))
+    if append_last and path.exists():
+        with path.open("a", newline="") as fh:
+            csv.writer(fh).writerow([history[k][-1] for k in HISTORY_KEYS])
+            fh.flush()
+        return
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(HISTORY_KEYS)
+        writer.writerows(rows)
 
 
 @dataclass
@@ -244,7 +254,3 @@ def _run_epoch(model, optimizer, epoch: int, state: FitState, bar: EpochProgress
 def _copy(history: dict[str, list]) -> dict[str, list]:
     return {k: list(v) for k, v in history.items()}
 
-
-def torch_state_equal(a: dict, b: dict) -> bool:
-    """True if two state_dicts hold the same keys and bit-identical tensors."""
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -121,6 +121,9 @@ class GPUTrainLoader:
         """Select the epoch whose order and augmentation the next iteration yields."""
         self.epoch = epoch
 
+    def close(self) -> None:
+        """Nothing to shut down (no worker processes)."""
+
     def __len__(self) -> int:
         return self._len
 

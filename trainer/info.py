@@ -8,25 +8,31 @@ from typing import Annotated, Any
 
 import typer
 
-from trainer.checkpoint import build_model, load_checkpoint, summarize_history
-from trainer.models import STAGE_BLOCKS, bn_names, count_params, default_cfg, effective_cfg
-
 
 def describe(path: str) -> dict[str, Any]:
     """Architecture, classes, params, per-stage widths, history and prune metadata."""
+    from trainer.checkpoint import build_model, load_checkpoint, summarize_history
+    from trainer.models import (
+        STAGE_BLOCKS,
+        bn_names,
+        count_params,
+        default_widths,
+        effective_widths,
+    )
+
     ckpt = load_checkpoint(path)
-    cfg, full, names = effective_cfg(ckpt["cfg"]), default_cfg(), bn_names()
+    widths, full, names = effective_widths(ckpt["cfg"]), default_widths(), bn_names()
     stages = []
     for stage in range(1, len(STAGE_BLOCKS) + 1):
         idx = [i for i, n in enumerate(names) if n.startswith(f"layer{stage}.")
                and n.endswith((".bn1", ".bn2"))]
-        stages.append({"stage": f"layer{stage}", "kept": sum(cfg[i] for i in idx),
+        stages.append({"stage": f"layer{stage}", "kept": sum(widths[i] for i in idx),
                        "full": sum(full[i] for i in idx),
-                       "blocks": [[cfg[i], cfg[i + 1]] for i in idx[::2]]})
+                       "blocks": [[widths[i], widths[i + 1]] for i in idx[::2]]})
     out = {"path": str(path),
            "format": "slimtune" if ckpt["format_version"] else "lab {cfg, state_dict}",
            "arch": ckpt["arch"], "num_classes": ckpt["num_classes"],
-           "params": count_params(build_model(ckpt)), "pruned": cfg != full, "stages": stages,
+           "params": count_params(build_model(ckpt)), "pruned": widths != full, "stages": stages,
            **summarize_history(ckpt)}
     if "prune" in ckpt:
         out["prune"] = ckpt["prune"]
@@ -65,3 +71,8 @@ def info(
         console.print(f"pruned from {p.get('source')} at ratio {p.get('ratio')} "
                       f"(threshold {p.get('threshold', float('nan')):.4g})")
     return 0
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``info`` command to ``app``."""
+    app.command("info")(info)

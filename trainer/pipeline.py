@@ -8,17 +8,24 @@ from pathlib import Path
 
 from trainer import dist
 from trainer.checkpoint import load_checkpoint, safe_torch_load
-from trainer.config import RunConfig
-from trainer.engine import run_paths
+from trainer.commands import cmd_finetune, cmd_prune, cmd_train
+from trainer.config import FINETUNE_RECIPE, TRAIN_RECIPE, RunConfig
 from trainer.errors import ConfigError
+from trainer.files import ensure_writable
 from trainer.fit import keep_interrupted_run, resume_mismatch
+from trainer.paths import (
+    CHECKPOINTS,
+    PLOTS,
+    SPARSE,
+    comparison_figure,
+    gamma_plot_path,
+    plot_path,
+    ratio_tag,
+    run_paths,
+    stage_files,
+)
 from trainer.progress import console, say
-from trainer.runner import cmd_finetune, cmd_prune, cmd_train, ensure_writable, loader_kind
-
-
-def ratio_tag(ratio: float) -> str:
-    """0.5 -> '50', 0.9 -> '90', 0.125 -> '12.5' (file-name friendly percent)."""
-    return f"{ratio * 100:g}"
+from trainer.runtime import loader_kind
 
 
 @dataclass
@@ -30,21 +37,22 @@ class Stages:
     ratios: list[tuple[float, Path, RunConfig, Path, RunConfig]]  # ratio, pruned, prune, tuned, ft
 
 
-def plan_stages(cfg: RunConfig, ckpts: Path) -> Stages:
-    sparse = ckpts / "model_sparse.pth"
-    train = cfg.replace(command="train", epochs=cfg.train_epochs, lr=cfg.train_lr,
-                        optimizer="sgd", weight_decay=1e-4, warmup_epochs=cfg.warmup_epochs,
-                        output=str(sparse), plot=None, checkpoint=None, init=None)
+def plan_stages(cfg: RunConfig) -> Stages:
+    """The study's stages: the train recipe with the pipeline's epochs, lr, batch, warm-up and
+    λ; then per ratio a prune and the fine-tune recipe with the pipeline's epochs, lr, batch."""
+    sparse = Path(cfg.workdir) / CHECKPOINTS / SPARSE
+    train = cfg.replace(command="train", optimizer=TRAIN_RECIPE["optimizer"],
+                        weight_decay=TRAIN_RECIPE["weight_decay"], epochs=cfg.train_epochs,
+                        lr=cfg.train_lr, output=str(sparse), plot=None, checkpoint=None,
+                        init=None)
     ratios = []
     for ratio in cfg.ratios:
-        pruned = ckpts / f"model_prune_{ratio_tag(ratio)}.pth"
-        tuned = ckpts / f"model_prune_{ratio_tag(ratio)}_finetune.pth"
+        pruned, tuned = stage_files(cfg.workdir, ratio)
         prune = cfg.replace(command="prune", ratio=ratio, checkpoint=str(sparse),
                             output=str(pruned), plot=None)
-        ft = cfg.replace(command="finetune", checkpoint=str(pruned), output=str(tuned),
-                         epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, optimizer="adam",
-                         batch_size=cfg.finetune_batch_size, weight_decay=0.0,
-                         warmup_epochs=0.0, sparsity=0.0, plot=None)
+        ft = cfg.replace(command="finetune", **FINETUNE_RECIPE).replace(
+            checkpoint=str(pruned), output=str(tuned), epochs=cfg.finetune_epochs,
+            lr=cfg.finetune_lr, batch_size=cfg.finetune_batch_size, plot=None)
         ratios.append((ratio, pruned, prune, tuned, ft))
     return Stages(sparse, train, ratios)
 
@@ -104,10 +112,10 @@ def run_pipeline(cfg: RunConfig, accelerator) -> list[dict]:
     # resolved now, as every stage saves it: --resume compares stages with these settings
     cfg = cfg.replace(loader=loader_kind(cfg, accelerator.device))
     work = Path(cfg.workdir)
-    ckpts, plots = work / "checkpoints", work / "plots"
-    ensure_writable(ckpts)
+    plots = work / PLOTS
+    ensure_writable(work / CHECKPOINTS)
     ensure_writable(plots)
-    stages = plan_stages(cfg, ckpts)
+    stages = plan_stages(cfg)
     if not cfg.resume:  # before any stage redoes the work of an interrupted study
         for output, stage_cfg in [(stages.sparse, stages.train),
                                   *[(t, f) for _, _, _, t, f in stages.ratios]]:
@@ -167,18 +175,16 @@ def finish_study(cfg: RunConfig, baseline: Path, rows: list[dict], plots: Path) 
 
     labels = ["original (sparse-trained)"] + [f"pruned {ratio_tag(r['ratio'])}% + fine-tuned"
                                               for r in rows]
-    names = "_vs_".join(ratio_tag(r["ratio"]) for r in rows)
-    figure = plots / f"comparison_{names}_finetuned.png"
+    figure = comparison_figure(plots, [r["ratio"] for r in rows])
     table = compare_rows([str(baseline)] + [r["checkpoint"] for r in rows], labels)
     plot_comparison(table, figure, title=f"{cfg.dataset}: original vs pruned + fine-tuned")
     say(f"comparison figure: {figure}")
     figures = [("comparison", figure)]
     for r in rows:
-        tag = ratio_tag(r["ratio"])
-        figures.append((f"γ distribution, ratio {r['ratio']:g}",
-                        plots / f"model_prune_{tag}_gamma.png"))
+        pruned, tuned = stage_files(cfg.workdir, r["ratio"])
+        figures.append((f"γ distribution, ratio {r['ratio']:g}", gamma_plot_path(pruned, plots)))
         figures.append((f"fine-tuning, ratio {r['ratio']:g}",
-                        plots / f"model_prune_{tag}_finetune.png"))
+                        plot_path(cfg.replace(command="finetune", plot=None), tuned, plots)))
     study = [{**r, "pruned_acc": r["acc_after_prune"], "macs": t["macs"]}
              for r, t in zip(rows, table[1:])]  # table[0] is the baseline
     report = write_report(Path(cfg.workdir), title="slimtune study", rows=table, figures=figures,

@@ -9,9 +9,11 @@ stem and every bn3 keep full width, so shortcuts and downsample convs stay whole
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from trainer.checks import check_ratio, check_scope
 from trainer.errors import CheckpointError, ConfigError
 from trainer.models import (
     STAGE_BLOCKS,
@@ -21,12 +23,13 @@ from trainer.models import (
     prunable_indices,
     unwrap_model,
 )
+from trainer.progress import console, say
 
 
 @dataclass
 class PruneResult:
     model: ResNet50
-    cfg: list[int]
+    widths: list[int]
     threshold: float
     masks: list[torch.Tensor]
     kept_min: list[str] = field(default_factory=list)  # layers saved by --min-channels
@@ -45,12 +48,8 @@ def all_gammas(model: torch.nn.Module, scope: str = "all") -> torch.Tensor:
 
 def global_threshold(model: torch.nn.Module, ratio: float, scope: str = "all") -> float:
     """The |gamma| value at position floor(N * ratio) of the sorted |gamma| (reference rule)."""
-    if not 0 < ratio < 1:
-        raise ConfigError(f"--ratio {ratio} is outside (0, 1); give the fraction of channels "
-                          "to prune, e.g. --ratio 0.5")
-    if scope not in ("all", "prunable"):
-        raise ConfigError(f"--scope {scope!r} is unknown; use 'all' or 'prunable'")
-    gammas = all_gammas(model, scope)
+    check_ratio(ratio)
+    gammas = all_gammas(model, check_scope(scope))
     if not torch.isfinite(gammas).all():
         raise CheckpointError("BatchNorm gamma values are not finite (a diverged run?); "
                               "prune a checkpoint from a run whose loss stayed finite")
@@ -59,7 +58,7 @@ def global_threshold(model: torch.nn.Module, ratio: float, scope: str = "all") -
 
 def channel_masks(model: torch.nn.Module, threshold: float,
                   min_channels: int = 1) -> tuple[list[torch.Tensor], list[str]]:
-    """Keep-masks per BatchNorm (cfg order) and the layers that --min-channels rescued."""
+    """Keep-masks per BatchNorm (widths order) and the layers that --min-channels rescued."""
     prunable = set(prunable_indices())
     masks, rescued = [], []
     for i, (name, m) in enumerate(batchnorms(unwrap_model(model))):
@@ -89,11 +88,10 @@ def apply_masks(model: torch.nn.Module, masks: list[torch.Tensor]) -> ResNet50:
     by the previous mask on input channels; downsample convs, the stem, bn3 and fc whole.
     """
     src = unwrap_model(model)
-    cfg = [int(m.sum()) for m in masks]
-    new = ResNet50(src.fc.out_features, cfg)
+    new = ResNet50(src.fc.out_features, [int(m.sum()) for m in masks])
     state = {k: v.detach().cpu().clone() for k, v in src.state_dict().items()}
     out = {}
-    pos = 1  # cfg index of the current block's bn1
+    pos = 1  # widths index of the current block's bn1
     for stage, blocks in enumerate(STAGE_BLOCKS, start=1):
         for b in range(blocks):
             pre = f"layer{stage}.{b}."
@@ -125,7 +123,7 @@ def prune(model: torch.nn.Module, ratio: float, *, scope: str = "all",
     masks, rescued = channel_masks(model, threshold, min_channels)
     new = apply_masks(model, masks)
     ties = int((all_gammas(model, scope) == threshold).sum())
-    return PruneResult(model=new, cfg=new.cfg, threshold=threshold, masks=masks,
+    return PruneResult(model=new, widths=new.widths, threshold=threshold, masks=masks,
                        kept_min=rescued, ties=ties, params_before=count_params(unwrap_model(model)),
                        params_after=count_params(new))
 
@@ -141,3 +139,40 @@ def stage_summary(masks: list[torch.Tensor]) -> list[tuple[str, int, int]]:
             pos += 3
         rows.append((f"layer{stage}", kept, total))
     return rows
+
+
+def print_prune_summary(result: PruneResult, meta: dict, output: Path, gamma_png: Path) -> None:
+    """The table of kept channels per stage, params and accuracy, and notes on surprises."""
+    from rich.table import Table
+
+    table = Table(title=f"pruned {Path(meta['source']).name} at ratio {meta['ratio']:g}")
+    for col in ("stage", "kept / total (bn1+bn2)", "kept %"):
+        table.add_column(col, justify="right")
+    rows = stage_summary(result.masks)
+    for stage, kept, total in rows:
+        table.add_row(stage, f"{kept} / {total}", f"{100 * kept / total:.1f}%")
+    before, after = meta["params_before"], meta["params_after"]
+    table.add_section()
+    table.add_row("params", f"{before:,} -> {after:,}", f"{100 * after / before:.1f}%")
+    table.add_row("threshold |γ|", f"{meta['threshold']:.6g}", f"scope {meta['scope']}")
+    if meta["acc_before"] is not None:
+        table.add_row("test acc", f"{meta['acc_before']:.2f}% -> {meta['acc_after']:.2f}%",
+                      "right after")
+    console.print(table)
+    removed = 1 - sum(k for _, k, _ in rows) / sum(t for _, _, t in rows)
+    if meta["scope"] == "all" and removed < 0.5 * meta["ratio"]:
+        # bn3 holds 2/3 of all channels and is never pruned: when its γ are the smallest
+        # (zero-initialised, short training), the threshold lands among them.
+        say(f"[yellow]note:[/] only {100 * removed:.1f}% of the prunable (bn1/bn2) channels "
+            f"were removed at ratio {meta['ratio']:g}: the threshold fell among the stem/bn3 γ, "
+            "which are never pruned; --scope prunable ranks bn1/bn2 only")
+    if result.ties > 1 and removed > meta["ratio"] + 0.02:
+        # e.g. γ that only the L1 term moved, by the same steps: equal to many digits
+        say(f"[yellow]note:[/] {result.ties} channels have |γ| equal to the threshold and are "
+            f"removed with it (only |γ| strictly above is kept), so {100 * removed:.1f}% of the "
+            f"prunable channels went at ratio {meta['ratio']:g}; train longer or lower --ratio")
+    if result.kept_min:
+        say(f"[yellow]note:[/] the threshold would have emptied {len(result.kept_min)} layer(s); "
+            f"kept their {meta['min_channels']} largest-|γ| channel(s): "
+            f"{', '.join(result.kept_min)}")
+    say(f"wrote {output} and {gamma_png}")

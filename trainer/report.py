@@ -19,10 +19,7 @@ from rich.table import Table
 
 from trainer.errors import UserError
 from trainer.files import atomic_write_text
-from trainer.profiling import check_input_size, measure_latency, profile_checkpoint
-
-DEFAULT_COMPARE_OUTPUT = "plots/comparison.png"
-
+from trainer.paths import COMPARE_FIGURE, REPORT
 
 # ---------------------------------------------------------------- numbers
 
@@ -62,6 +59,8 @@ def compare_rows(paths: list[str], labels: list[str] | None = None, baseline: st
     params, macs, flops, input_size, best_acc (or None), param_reduction_pct,
     mac_reduction_pct (% smaller than the baseline) and acc_delta (points, or None).
     """
+    from trainer.profiling import check_input_size, profile_checkpoint
+
     size = check_input_size(input_size)
     rows = []
     for i, (path, label) in enumerate(_order(paths, labels, baseline)):
@@ -176,7 +175,7 @@ def write_report(workdir: Path, *, title: str, rows: list[dict],
         for caption, fig in figures:
             rel = Path(os.path.relpath(Path(fig).resolve(), workdir.resolve())).as_posix()
             lines += [f"![{caption}]({rel})", "", f"*{caption}*", ""]
-    path = workdir / "report.md"
+    path = workdir / REPORT
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
 
@@ -204,6 +203,7 @@ def _parse_ints(text: str, option: str) -> list[int]:
 def _latency_for(path: str, size: int, device: str, batches: list[int],
                  repeats: int) -> dict[str, Any]:
     from trainer.checkpoint import build_model, load_checkpoint
+    from trainer.profiling import measure_latency
 
     model = build_model(load_checkpoint(path))
     return measure_latency(model, device, size, batches=batches, repeats=repeats)
@@ -234,6 +234,8 @@ def profile_command(
 ) -> None:
     """Count params, MACs and FLOPs (= 2×MACs) of checkpoints; optionally time them."""
     import torch
+
+    from trainer.profiling import check_input_size, profile_checkpoint
 
     size = check_input_size(input_size)
     batches = _parse_ints(batch_sizes, "--batch-sizes") if latency else []
@@ -285,7 +287,7 @@ def compare_command(
     output: Annotated[Path, typer.Option(
         "--output", show_default=False,
         help=f"Where the comparison figure (PNG) goes (default "
-             f"{DEFAULT_COMPARE_OUTPUT}).")] = Path(DEFAULT_COMPARE_OUTPUT),
+             f"{COMPARE_FIGURE}).")] = COMPARE_FIGURE,
     input_size: Annotated[int, typer.Option(
         "--input-size", show_default=False,
         help="Input height/width in pixels (default 32, CIFAR).")] = 32,

@@ -1,0 +1,104 @@
+"""Every file name slimtune chooses by itself: a command's default input and output, the files
+a run writes beside its output, the pipeline's stage files, figures and report.
+
+Pure Python (no torch): the launcher reads it to place a job's Accelerate config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer.config import RunConfig
+
+CHECKPOINTS = Path("checkpoints")
+PLOTS = Path("plots")
+SPARSE = "model_sparse.pth"  # train with --sparsity > 0; prune's default input
+DENSE = "model.pth"  # train without sparsity
+PRUNED = "model_prune.pth"  # prune's default output; finetune's default input
+FINETUNED_SUFFIX = "_finetune"  # finetune: <input stem>_finetune.pth beside the input
+LAB_CURVES = "finetuning_results.png"  # the lab's figure name for model_prune.pth's curves
+REPORT = "report.md"
+COMPARE_FIGURE = PLOTS / "comparison.png"  # compare's default --output
+
+
+def ratio_tag(ratio: float) -> str:
+    """0.5 -> '50', 0.9 -> '90', 0.125 -> '12.5' (file-name friendly percent)."""
+    return f"{ratio * 100:g}"
+
+
+def input_checkpoint(cfg: RunConfig) -> str | None:
+    """The checkpoint a command starts from (train: --init), defaults applied; None if none."""
+    if cfg.command == "train":
+        return cfg.init
+    defaults = {"finetune": str(CHECKPOINTS / PRUNED), "prune": str(CHECKPOINTS / SPARSE)}
+    return cfg.checkpoint or defaults.get(cfg.command)
+
+
+def finetuned_name(src: Path) -> Path:
+    """model_prune.pth -> model_prune_finetune.pth, in the same folder."""
+    return src.with_name(src.stem + FINETUNED_SUFFIX + ".pth")
+
+
+def output_path(cfg: RunConfig) -> Path | None:
+    """Where a command writes its main checkpoint (None for evaluate)."""
+    if cfg.output:
+        return Path(cfg.output)
+    if cfg.command == "train":
+        return CHECKPOINTS / (SPARSE if cfg.sparsity > 0 else DENSE)
+    if cfg.command == "prune":
+        return CHECKPOINTS / PRUNED
+    if cfg.command == "finetune":
+        return finetuned_name(Path(input_checkpoint(cfg)))
+    if cfg.command == "pipeline":
+        return Path(cfg.workdir) / CHECKPOINTS / SPARSE
+    return None
+
+
+def plot_path(cfg: RunConfig, output: Path, plots_dir: Path = PLOTS) -> Path:
+    """Curves figure: ``plots/finetuning_results.png`` for the lab's model_prune.pth."""
+    if cfg.plot:
+        return Path(cfg.plot)
+    if cfg.command == "finetune" and Path(cfg.checkpoint or "").name == PRUNED:
+        return plots_dir / LAB_CURVES
+    return plots_dir / f"{output.stem}.png"
+
+
+def gamma_plot_path(output: Path, plots_dir: Path = PLOTS) -> Path:
+    """prune's |γ| histogram of the pruned file ``output``."""
+    return plots_dir / f"{output.stem}_gamma.png"
+
+
+def run_paths(output: Path) -> dict[str, Path]:
+    """Files a run writes next to its best checkpoint ``output``."""
+    return {"best": output, "last": output.with_name(output.stem + ".last.pth"),
+            "csv": output.with_name(output.stem + "_metrics.csv")}
+
+
+def written_files(cfg: RunConfig) -> list[tuple[str, Path]]:
+    """(what, path) for each file a train/finetune/prune run writes (pipeline: its output)."""
+    out = output_path(cfg)
+    if out is None:
+        return []
+    if cfg.command == "prune":
+        return [("--output", out), ("the γ figure", gamma_plot_path(out))]
+    if cfg.command not in ("train", "finetune"):
+        return [("--output", out)]
+    paths = run_paths(out)
+    return [("--output", out), ("--plot" if cfg.plot else "the curves figure", plot_path(cfg, out)),
+            (f"the resume file of --output {out}:", paths["last"]),
+            (f"the metrics CSV of --output {out}:", paths["csv"])]
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+def stage_files(workdir: str | Path, ratio: float) -> tuple[Path, Path]:
+    """(pruned, fine-tuned) checkpoints of one ratio of a pipeline."""
+    ckpts = Path(workdir) / CHECKPOINTS
+    pruned = ckpts / f"model_prune_{ratio_tag(ratio)}.pth"
+    return pruned, finetuned_name(pruned)
+
+
+def comparison_figure(plots_dir: Path, ratios: list[float]) -> Path:
+    """``comparison_50_vs_90_finetuned.png``: the lab's figure name, for any ratios."""
+    return plots_dir / f"comparison_{'_vs_'.join(ratio_tag(r) for r in ratios)}_finetuned.png"
