@@ -6,9 +6,10 @@
 # Never run on a GPU yet. Bounded at 520 s in all (timeouts 300 s + 220 s, inside the 540 s
 # device call BENCHMARKS.md suggests); the benchmark skips its optional parts past --budget-s.
 # Runs with the machine's own python3 (torch, accelerate, typer, rich, matplotlib, pytest);
-# ultralytics-thop, if missing there, is installed from wheels carried in .whl/ (BENCHMARKS.md
-# says how to fetch them). GPU_CHECK_ON_CPU=1 rehearses the whole script on a CPU machine
-# (tiny benchmark, the GPU tests with --cpu) so that the one GPU call does not fail on a typo.
+# ultralytics-thop and torch-pruning, missing there, are installed from wheels carried in .whl/
+# (BENCHMARKS.md says how to fetch them). GPU_CHECK_ON_CPU=1 rehearses the whole script on a
+# CPU machine (tiny benchmark, the GPU tests with --cpu) so that the one GPU call does not fail
+# on a typo.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -19,9 +20,9 @@ if [ "${GPU_CHECK_ON_CPU:-0}" = 1 ]; then
     bench_args=(--cpu --quick)
     export SLIMTUNE_GPU_TESTS_ON_CPU=1
 fi
-if ! python3 -c "import thop" 2>/dev/null; then
+if ! python3 -c "import thop, torch_pruning" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-        || { echo "thop missing and no usable wheel in .whl/" >&2; exit 2; }
+        || { echo "thop/torch_pruning missing and no usable wheel in .whl/" >&2; exit 2; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 {

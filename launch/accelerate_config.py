@@ -207,8 +207,9 @@ def worker_argv(cfg: RunConfig, options: Collection[str] | None = None,
     """``[command, *positional values, --opt, value, ...]`` for ``python -m trainer``.
 
     Options follow RunConfig's field order: ``--<name-with-dashes> value``; booleans as
-    ``--flag`` / ``--no-flag``; tuples comma-joined; None values left out. ``options`` limits
-    them to the fields a command accepts (None: every worker field); ``positional`` names
+    ``--flag`` / ``--no-flag``; tuples comma-joined; None values and empty tuples left out.
+    ``options`` limits them to the fields a command accepts (None: every worker field);
+    ``positional`` names
     fields the command takes as arguments (e.g. evaluate's checkpoint), in order. The
     launcher passes ``trainer.options.accepted(command)``.
     """
@@ -221,7 +222,7 @@ def worker_argv(cfg: RunConfig, options: Collection[str] | None = None,
             continue
         value = getattr(cfg, f.name)
         name = f.name.replace("_", "-")
-        if value is None:
+        if value is None or value == ():  # the worker's default (an empty list: none)
             continue
         if isinstance(value, bool):
             argv.append(f"--{name}" if value else f"--no-{name}")

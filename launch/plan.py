@@ -34,6 +34,7 @@ from launch.user_config import (
     settings_from_config,
     through_visible_devices,
 )
+from trainer.archs import with_recipe
 from trainer.checks import check_batch_split, check_tracker, validate
 from trainer.config import RunConfig
 from trainer.errors import ConfigError
@@ -60,6 +61,7 @@ class LaunchPlan:
 
 def dispatch(cfg: RunConfig) -> int:
     """Run ``cfg`` in this process or as an ``accelerate launch`` job; return the exit code."""
+    cfg = with_recipe(cfg)  # the workers get the arch's recipe spelled out
     validate(cfg)  # refuse bad settings before any process starts or file is written
     plan = plan_launch(cfg)
     if plan.note:

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from trainer.checkpoint import make_checkpoint, save_checkpoint
-from trainer.models import ResNet50, default_widths, prunable_indices
+from trainer.models import batchnorms
+from trainer.resnet import ResNet50, default_widths, prunable_indices
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,3 +73,16 @@ def communicate_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN affine params and running stats, so eval-mode outputs depend on all of them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, bn in batchnorms(model):
+            n = bn.num_features
+            bn.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+            bn.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+            bn.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+            bn.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+    return model.eval()

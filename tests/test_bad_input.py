@@ -27,7 +27,7 @@ from tests._faults import env
 from tests.fakedata import truncate_file, write_fake_cifar10, write_imagefolder
 from tests.helpers import FAST, REPO, make_small_checkpoint, run_cli
 from trainer.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from trainer.models import default_widths, prunable_indices
+from trainer.resnet import default_widths, prunable_indices
 
 DATA = ["--dataset", "cifar10", "--data-dir", "data", "--no-download"]
 FINETUNE = ["finetune", "--checkpoint", "start.pth", *DATA, "--epochs", "1",
@@ -80,7 +80,7 @@ def _cfg_mismatch(d: Path) -> None:
 
 
 def _other_arch(d: Path) -> None:
-    save_checkpoint(d / "bad.pth", dict(load_checkpoint(d / "start.pth"), arch="vgg19"))
+    save_checkpoint(d / "bad.pth", dict(load_checkpoint(d / "start.pth"), arch="alexnet"))
 
 
 def _gammas_that_empty_a_layer(d: Path) -> None:
@@ -162,6 +162,52 @@ def _fp8_yaml(d: Path) -> None:
     (d / "bad.yaml").write_text(text.replace("mixed_precision: 'no'", "mixed_precision: fp8"))
 
 
+# ---- export and .safetensors checkpoints (issue 15)
+
+
+def _no_onnxruntime(d: Path) -> None:
+    """An ``onnxruntime`` package in the row's folder (first on sys.path under ``python -m``)
+    that fails to import, as if it were not installed; a *file* named __pycache__ keeps
+    Python from writing bytecode beside it (the folder must stay as it was)."""
+    (d / "onnxruntime").mkdir()
+    (d / "onnxruntime" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    (d / "onnxruntime" / "__pycache__").write_text("")
+
+
+def _safetensors_with(d: Path, **changes) -> None:
+    from trainer.safetensors_io import save_safetensors
+
+    save_safetensors(d / "bad.safetensors", {**load_checkpoint(d / "start.pth"), **changes})
+
+
+def _safetensors_wrong_widths(d: Path) -> None:
+    cfg = load_checkpoint(d / "start.pth")["cfg"]
+    cfg[prunable_indices()[0]] += 4  # the weights still have 4 channels
+    _safetensors_with(d, cfg=cfg)
+
+
+def _seven_class_teacher(d: Path) -> None:
+    make_small_checkpoint(d / "t7.pth", num_classes=7)
+
+
+def _budget(value: str) -> list[str]:
+    """prune to a params budget instead of a ratio."""
+    args = [a for a in PRUNE]
+    at = args.index("--ratio")
+    return [*args[:at], "--target-params", value, *args[at + 2:]]
+
+
+def _safetensors_unknown_arch(d: Path) -> None:
+    _safetensors_with(d, arch="alexnet")
+
+
+def _safetensors_junk(d: Path) -> None:
+    (d / "bad.safetensors").write_bytes(os.urandom(4096))
+
+
+EXPORT = ["export", "start.pth", "--format"]
+
+
 @dataclass(frozen=True)
 class Row:
     id: str
@@ -192,8 +238,9 @@ ROWS = [
     Row("ckpt-cfg-mismatch", "the checkpoint's cfg and state_dict disagree",
         _set(FINETUNE, "--checkpoint", "bad.pth"), r"cfg and state_dict disagree",
         _cfg_mismatch),
-    Row("ckpt-wrong-arch", "the checkpoint is of another architecture",
-        _set(FINETUNE, "--checkpoint", "bad.pth"), r"'vgg19' checkpoint.*'resnet50' only",
+    Row("ckpt-unknown-arch", "the checkpoint names an architecture slimtune does not know",
+        _set(FINETUNE, "--checkpoint", "bad.pth"),
+        r"names the architecture 'alexnet', which slimtune does not know; it slims resnet50",
         _other_arch),
     Row("ratio-zero", "--ratio 0", _set(PRUNE, "--ratio", "0"),
         r"--ratio 0\.0 is outside \(0, 1\)"),
@@ -286,6 +333,63 @@ ROWS = [
         "without one", [*[a for a in FINETUNE if a != "--cpu"], "--accelerate-config",
                         str(REPO / "configs" / "accelerate" / "ddp_2gpu.yaml")],
         r"ddp_2gpu\.yaml asks for 2 GPUs but no CUDA GPU is visible.*--cpu", gpu_free=True),
+    Row("export-onnx-not-installed", "export --format onnx without the export extra (onnx, "
+        "onnxruntime)", [*EXPORT, "onnx"], r"--format onnx needs onnx and onnxruntime, and "
+        r"(onnx and )?onnxruntime (is|are) not installed; pip install -e \"\.\[export\]\"",
+        _no_onnxruntime),
+    Row("export-unknown-format", "an unknown export --format", [*EXPORT, "pdf"],
+        r"--format 'pdf': use onnx, torchscript or safetensors"),
+    Row("export-output-is-input", "export's --output is the input checkpoint",
+        [*EXPORT, "safetensors", "--output", "start.pth"],
+        r"--output start\.pth is the input checkpoint"),
+    Row("export-output-is-folder", "export's --output is a folder",
+        [*EXPORT, "safetensors", "--output", "data"], r"--output data is a folder"),
+    Row("export-batch-and-dynamic", "export with both --batch-size and --dynamic-batch",
+        [*EXPORT, "onnx", "--batch-size", "8", "--dynamic-batch"],
+        r"--batch-size 8 fixes the batch and --dynamic-batch frees it"),
+    Row("safetensors-wrong-widths", "a .safetensors checkpoint whose header widths do not match "
+        "its weights", _set(FINETUNE, "--checkpoint", "bad.safetensors"),
+        r"cfg and state_dict disagree", _safetensors_wrong_widths),
+    Row("safetensors-unknown-arch", "a .safetensors checkpoint whose header names an unknown "
+        "architecture", _set(FINETUNE, "--checkpoint", "bad.safetensors"),
+        r"names the architecture 'alexnet', which slimtune does not know",
+        _safetensors_unknown_arch),
+    Row("safetensors-junk", "a .safetensors checkpoint that is not a safetensors file",
+        _set(FINETUNE, "--checkpoint", "bad.safetensors"),
+        r"bad\.safetensors is not a valid safetensors file", _safetensors_junk),
+    Row("arch-unknown", "--arch names an architecture slimtune does not know",
+        ["train", "--arch", "alexnet", "--dataset", "synthetic", "--cpu"],
+        r"--arch 'alexnet' is unknown; use one of resnet50, .* or torchvision:NAME"),
+    Row("arch-torchvision-not-classification", "--arch torchvision:NAME that is not a "
+        "classification CNN", ["train", "--arch", "torchvision:fasterrcnn_resnet50_fpn",
+                               "--dataset", "synthetic", "--cpu", "--epochs", "1",
+                               "--synthetic-train", "16", "--synthetic-test", "8"],
+        r"'fasterrcnn_resnet50_fpn' is not a torchvision classification model"),
+    Row("prune-ratio-and-budget", "prune with both --ratio and a budget",
+        [*PRUNE, "--target-params", "1M"],
+        r"--ratio and --target-params both say how much to prune; give one"),
+    Row("budget-bad-count", "a budget that is not a count", _budget("4X"),
+        r"--target-params '4X' is not a positive count; write e\.g\. 4M"),
+    Row("budget-cannot-be-met", "a budget below what --min-channels keeps", _budget("1K"),
+        r"--target-params 1K cannot be met: with every prunable layer at its floor"),
+    Row("budget-already-met", "a budget the unpruned model already meets", _budget("1G"),
+        r"--target-params 1G: the unpruned model already has .* params; nothing to prune"),
+    Row("kd-alpha-out-of-range", "--kd-alpha outside [0, 1]", [*FINETUNE, "--kd-alpha", "1.5"],
+        r"--kd-alpha 1\.5: must be in \[0, 1\]"),
+    Row("kd-temperature-zero", "--kd-temperature 0", [*FINETUNE, "--kd-temperature", "0"],
+        r"--kd-temperature 0\.0: must be above 0"),
+    Row("teacher-other-classes", "a --teacher with another number of classes",
+        [*FINETUNE, "--teacher", "t7.pth"],
+        r"--teacher t7\.pth has 7 classes but the model fine-tuned has 10", _seven_class_teacher),
+    Row("sync-bn-on-cpu", "--sync-bn with --cpu", [*FINETUNE, "--sync-bn"],
+        r"--sync-bn synchronises BatchNorm over GPU processes and needs CUDA"),
+    Row("latency-unknown-runtime", "an unknown profile --runtime",
+        ["profile", "start.pth", "--latency", "--runtime", "tensorrt"],
+        r"--runtime 'tensorrt': use torch or onnxruntime"),
+    Row("latency-cuda-on-cpu-machine", "profile --latency --device cuda on a machine without a GPU",
+        ["profile", "start.pth", "--latency", "--device", "cuda"],
+        r"--device cuda but no CUDA GPU is visible on this machine; use --device cpu",
+        gpu_free=True),
 ]
 
 

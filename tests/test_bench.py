@@ -40,6 +40,19 @@ def test_bench_json_fields_and_ratios(tmp_path: Path) -> None:
     assert d["inference_img_s"]["pruned"] > 0 and d["inference_img_s"]["unpruned"] > 0
     m = d["model"]
     assert m["ratio"] == 0.9 and m["pruned_macs"] < m["unpruned_macs"] / 3
+    assert "round_to" not in d  # only with --round-to
+
+
+@pytest.mark.slow
+def test_bench_times_the_round_to_model_beside_the_pruned_one(tmp_path: Path) -> None:
+    proc = run_cli("bench", "--cpu", "--steps", "1", "--repeats", "1", "--batch-size", "4",
+                   "--num-workers", "0", "--loaders", "torch", "--round-to", "8", "--json",
+                   cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert d["round_to"]["k"] == 8
+    assert d["round_to"]["inference_img_s"] > 0 and d["round_to"]["model_limit_img_s"] > 0
+    assert d["model"]["pruned_params"] <= d["model"]["rounded_params"]
 
 
 @pytest.mark.slow
@@ -88,7 +101,7 @@ def test_bench_checkpoint_models(tmp_path: Path) -> None:
 
 
 def test_random_gamma_model_is_seeded() -> None:
-    a, b = bench.random_gamma_resnet(seed=3), bench.random_gamma_resnet(seed=3)
+    a, b = bench.random_gamma_model(seed=3), bench.random_gamma_model(seed=3)
     assert torch.equal(a.bn1.weight, b.bn1.weight)
     assert 0 <= float(a.bn1.weight.detach().min()) and float(a.bn1.weight.detach().max()) <= 1
 

@@ -26,7 +26,8 @@ from trainer.checkpoint import (
 from trainer.cli import build_app, run_app
 from trainer.errors import CheckpointError
 from trainer.info import describe
-from trainer.models import ResNet50, bn_names, count_params, default_widths, prunable_indices
+from trainer.models import count_params
+from trainer.resnet import ResNet50, bn_names, default_widths, prunable_indices
 
 HISTORY = {"epoch": [1, 2, 3], "lr": [1e-3, 1e-3, 1e-4], "train_loss": [2.0, 1.5, 1.2],
            "train_acc": [20.0, 40.0, 55.5], "test_loss": [2.1, 1.6, 1.7],
@@ -152,7 +153,7 @@ def test_cfg_state_dict_mismatch_names_first_layer_and_both_shapes(tmp_path):
     ({"cfg": default_widths(), "state_dict": {"conv1.weight": torch.zeros(1)}}, "no fc.weight"),
     ({"cfg": [64] * 10, "state_dict": {}}, "expected 49"),
     ([1, 2, 3], "not a checkpoint dict"),
-    ({"arch": "vgg19", "cfg": [], "state_dict": {}}, "'vgg19'"),
+    ({"arch": "alexnet", "cfg": [], "state_dict": {}}, "'alexnet', which slimtune does not know"),
 ])
 def test_incomplete_checkpoints(tmp_path, payload, needle):
     path = tmp_path / "x.pth"

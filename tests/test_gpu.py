@@ -21,9 +21,11 @@ from trainer.checkpoint import load_checkpoint, safe_torch_load
 
 ON_CPU = os.environ.get("SLIMTUNE_GPU_TESTS_ON_CPU") == "1"
 DEVICE = ["--cpu"] if ON_CPU else []
-N_TEST = 300
-DATA = ["--dataset", "synthetic", "--synthetic-train", "1000", "--synthetic-test", str(N_TEST),
-        "--num-workers", "2"]
+# The CPU rehearsal only checks that the script and the tests run (bf16 on a CPU is slow):
+# 3 steps of 100 per epoch there, 10 on a GPU.
+N_TRAIN, N_TEST = (300, 100) if ON_CPU else (1000, 300)
+DATA = ["--dataset", "synthetic", "--synthetic-train", str(N_TRAIN),
+        "--synthetic-test", str(N_TEST), "--num-workers", "2"]
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not (ON_CPU or torch.cuda.is_available()),
@@ -111,3 +113,33 @@ def test_two_gpus(tmp_path, mode):
     ckpt = load_checkpoint(_finetune(tmp_path, "--gpus", "2", "--mode", mode, epochs=1))
     assert ckpt["config"]["mode"] == mode
     assert not [k for k in ckpt["state_dict"] if k.startswith("module.")]
+
+
+def test_fp16_resume_carries_the_loss_scaler(tmp_path):
+    """fp16 on CUDA gives Accelerate a GradScaler; its state travels in the resume state, so a
+    killed run resumes at the loss scale it had reached (exactness: tests/test_kd.py, CPU)."""
+    if ON_CPU:
+        pytest.skip("fp16 needs CUDA")
+    src = make_small_checkpoint(tmp_path / "s.pth", width=8)
+    args = ["finetune", "--checkpoint", src, "--epochs", "3", "--batch-size", "100",
+            "--mixed-precision", "fp16", *DATA]
+    killed = run_cli(*args, cwd=tmp_path, timeout=600, env=env(SLIMTUNE_TEST_KILL_AT="2:3"))
+    assert killed.returncode != 0
+    state = safe_torch_load(tmp_path / "s_finetune.last.pth")
+    assert state["epoch"] == 1 and state["scaler"]["scale"] > 0
+    _ok(run_cli(*args, "--resume", cwd=tmp_path, timeout=600))
+    state = safe_torch_load(tmp_path / "s_finetune.last.pth")
+    assert state["finished"] and state["history"]["epoch"] == [1, 2, 3]
+
+
+def test_sync_bn_keeps_plain_batchnorm_checkpoints(tmp_path):
+    """--sync-bn: SyncBatchNorm across a multi-GPU job (one GPU: nothing to sync); the saved
+    state_dict keeps BatchNorm's keys, so every command loads it as before."""
+    if ON_CPU:
+        r = run_cli("finetune", "--sync-bn", "--cpu", cwd=tmp_path)
+        assert r.returncode == 2 and "--sync-bn synchronises BatchNorm" in r.stderr
+        return
+    gpus = "2" if torch.cuda.device_count() >= 2 else "1"
+    ckpt = load_checkpoint(_finetune(tmp_path, "--sync-bn", "--gpus", gpus, epochs=1))
+    assert ckpt["config"]["sync_bn"] is True
+    assert "layer1.0.bn1.running_mean" in ckpt["state_dict"]

@@ -1,4 +1,4 @@
-"""The lab's ResNet-50 (trainer.models): reference counts, layout and cfg validation."""
+"""The lab's ResNet-50 (trainer.resnet): reference counts, layout and cfg validation."""
 
 from __future__ import annotations
 
@@ -7,16 +7,14 @@ import torch
 from torch import nn
 
 from tests.helpers import small_cfg
-from trainer.models import (
+from trainer.models import batchnorms, count_params, unwrap_model
+from trainer.resnet import (
     NUM_BN,
     ResNet50,
-    batchnorms,
     bn_names,
-    count_params,
     default_widths,
     effective_widths,
     prunable_indices,
-    unwrap_model,
     validate_widths,
 )
 

@@ -15,10 +15,12 @@ from typer.testing import CliRunner
 
 from trainer.checkpoint import make_checkpoint, save_checkpoint
 from trainer.errors import CheckpointError, UserError
-from trainer.models import ResNet50, count_params, default_widths, prunable_indices
+from trainer.measure_cli import register
+from trainer.models import count_params
 from trainer.plots import plot_comparison, plot_curves, plot_gamma_hist
 from trainer.profiling import profile_model
-from trainer.report import compare_rows, register, render_compare_table, write_report
+from trainer.report import compare_rows, render_compare_table, write_report
+from trainer.resnet import ResNet50, default_widths, prunable_indices
 
 APP = typer.Typer()
 register(APP)

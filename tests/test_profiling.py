@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from launch.plan import free_port
 from trainer.checkpoint import make_checkpoint, save_checkpoint
 from trainer.errors import CheckpointError, UserError
-from trainer.models import ResNet50, count_params, default_widths, prunable_indices
+from trainer.models import count_params
 from trainer.profiling import (
     MAX_INPUT_SIZE,
     check_input_size,
@@ -22,6 +22,7 @@ from trainer.profiling import (
     profile_checkpoint,
     profile_model,
 )
+from trainer.resnet import ResNet50, default_widths, prunable_indices
 
 FULL_PARAMS = 23_513_162
 FULL_MACS = 328_947_712  # thop, 1x3x32x32: convs + linear + BatchNorm + avg-pool

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import small_cfg
+from tests.helpers import randomize, small_cfg
 from trainer.checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint
 from trainer.config import RunConfig
 from trainer.errors import CheckpointError, ConfigError
-from trainer.models import ResNet50, batchnorms, count_params, prunable_indices
+from trainer.models import batchnorms, count_params
 from trainer.prune import (
     all_gammas,
     apply_masks,
@@ -21,25 +21,13 @@ from trainer.prune import (
     prune,
     stage_summary,
 )
+from trainer.resnet import ResNet50, prunable_indices
 from trainer.worker import run_worker
 
 DEAD = "layer3.2.bn1"  # the layer whose every γ is tiny
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def randomize(model: ResNet50, seed: int = 0) -> ResNet50:
-    """Random BN affine params and running stats, so eval-mode outputs depend on all of them."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, bn in batchnorms(model):
-            n = bn.num_features
-            bn.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-            bn.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-            bn.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-            bn.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-    return model.eval()
 
 
 def hand_set_model() -> ResNet50:
@@ -153,7 +141,7 @@ def test_non_finite_gamma(bad):
 
 def test_stage_summary():
     res = prune(hand_set_model(), 0.5, scope="prunable")
-    assert stage_summary(res.masks) == [("layer1", 12, 24), ("layer2", 16, 32),
+    assert stage_summary(res) == [("layer1", 12, 24), ("layer2", 16, 32),
                                         ("layer3", 23, 48), ("layer4", 12, 24)]
 
 

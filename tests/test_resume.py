@@ -25,7 +25,7 @@ from trainer.config import RunConfig
 from trainer.engine import make_optimizer
 from trainer.errors import ConfigError
 from trainer.fit import empty_history, load_resume
-from trainer.models import ResNet50
+from trainer.resnet import ResNet50
 
 DDP = ["--gpus", "2"]
 # Seed of the single-process runs: their test accuracy improves at epochs 2 and 3, so epoch 2

@@ -80,6 +80,7 @@ def _torch_after(*argv: str, cwd: Path) -> tuple[int, bool, str]:
 
 @pytest.mark.parametrize("argv", [
     ["--help"], ["finetune", "--help"], ["pipeline", "--help"], ["profile", "--help"],
+    ["export", "--help"],
     ["config", "--gpus", "2", "--output", "acc.yaml"],
     ["finetune", "--cpu", "--gpus", "2", "--dry-run"],
     ["pipeline", "--gpus", "4", "--dry-run"],

@@ -17,12 +17,14 @@ import torch.nn.functional as F
 
 from tests.helpers import make_small_checkpoint, small_cfg
 from trainer import engine, fit, models, paths, runtime
+from trainer.archs import with_recipe
 from trainer.checkpoint import load_checkpoint, safe_torch_load
 from trainer.checks import validate
 from trainer.config import FINETUNE_RECIPE as FINETUNE_DEFAULTS
 from trainer.config import TRAIN_RECIPE as TRAIN_DEFAULTS
 from trainer.config import RunConfig
-from trainer.models import ResNet50, batchnorms
+from trainer.models import batchnorms
+from trainer.resnet import ResNet50
 from trainer.worker import run_worker
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -153,15 +155,16 @@ def test_default_train_recipe_is_stable_and_learns(monkeypatch):
     """A few dozen steps of the real default recipe (TRAIN_DEFAULTS: SGD lr 0.1, momentum 0.9,
     wd 1e-4, 1 warm-up epoch) on the full-width model as ``train`` builds it."""
     steps, epochs, batch = 4, 6, 32  # warm-up over epoch 0, then 20 steps at lr 0.1
-    cfg = RunConfig(command="train", **dict(TRAIN_DEFAULTS, batch_size=batch), dataset="synthetic",
-                    synthetic_train=steps * batch, synthetic_test=16, limit_batches=steps,
-                    cpu=True, num_workers=0, seed=0)
+    cfg = with_recipe(RunConfig(
+        command="train", **dict(TRAIN_DEFAULTS, batch_size=batch), dataset="synthetic",
+        synthetic_train=steps * batch, synthetic_test=16, limit_batches=steps,
+        cpu=True, num_workers=0, seed=0))
     assert TRAIN_DEFAULTS["lr"] == 0.1 and TRAIN_DEFAULTS["epochs"] > 2 * epochs  # no LR drop
     accelerator = runtime.make_accelerator(cfg)
     data = runtime.load_data(cfg)
     train_loader = runtime.training_loader(cfg, data, accelerator)
     torch.manual_seed(cfg.seed)
-    model = models.fresh_model(data.num_classes)  # exactly what cmd_train builds
+    model = models.fresh_model(cfg.arch, data.num_classes, cfg.gamma_init)  # as cmd_train does
     optimizer = engine.make_optimizer(model, cfg)
     model, optimizer = runtime.prepare_model(model, cfg, accelerator, optimizer)
     losses: list[float] = []

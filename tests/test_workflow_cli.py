@@ -17,7 +17,7 @@ from trainer.checkpoint import (
     safe_torch_load,
     save_checkpoint,
 )
-from trainer.models import ResNet50
+from trainer.resnet import ResNet50
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -16,13 +16,13 @@ rounds of all measurements are interleaved (round 1 of each, then round 2 of eac
 a change of machine load hits them alike and their ratios stay meaningful. On CUDA each
 round is timed with CUDA events between two synchronisations.
 
-Models: ``--checkpoint`` measures a real (pruned) checkpoint against a full-width ResNet-50
-with the same number of classes. ``--ratio R`` (default 0.9) builds the pruned model
-without any file: a randomly initialised ResNet-50 whose BatchNorm gammas are drawn from
-U(0, 1) with ``--seed``, pruned by ``trainer.prune.prune`` at R. Random gammas prune every
-layer to about the same fraction, whereas a trained network-slimming model keeps more of its
-early, high-resolution layers, so a real checkpoint at the same ratio has more MACs and is
-slower: quote ``--checkpoint`` figures when one exists.
+Models: ``--checkpoint`` measures a real (pruned) checkpoint against the full-width model of
+its arch with the same number of classes. ``--ratio R`` (default 0.9) builds the pruned model
+without any file: a randomly initialised ``--arch`` model (default the lab's ResNet-50) whose
+BatchNorm gammas are drawn from U(0, 1) with ``--seed``, pruned by ``trainer.prune.prune``
+at R. Random gammas prune every layer to about the same fraction, whereas a trained
+network-slimming model keeps more of its early, high-resolution layers, so a real checkpoint
+at the same ratio has more MACs and is slower: quote ``--checkpoint`` figures when one exists.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.archs import DEFAULT_ARCH
 from trainer.checks import check_ratio
 from trainer.config import LOADER_KINDS, RunConfig
 from trainer.errors import ConfigError
-from trainer.models import ResNet50, batchnorms
+from trainer.models import batchnorms, new_model
 from trainer.profiling import Timer
 from trainer.runtime import channels_last, prepare_model, training_loader
 
@@ -53,10 +54,11 @@ IMAGE_SIZE = 32  # CIFAR
 # ---------------------------------------------------------------- models
 
 
-def random_gamma_resnet(num_classes: int = 10, seed: int = 0) -> ResNet50:
-    """A randomly initialised ResNet-50 whose BatchNorm gammas are seeded U(0, 1) draws."""
+def random_gamma_model(num_classes: int = 10, seed: int = 0,
+                       arch: str = DEFAULT_ARCH) -> nn.Module:
+    """A randomly initialised ``arch`` whose BatchNorm gammas are seeded U(0, 1) draws."""
     torch.manual_seed(seed)
-    model = ResNet50(num_classes)
+    model = new_model(arch, num_classes)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, bn in batchnorms(model):
@@ -64,8 +66,8 @@ def random_gamma_resnet(num_classes: int = 10, seed: int = 0) -> ResNet50:
     return model
 
 
-def bench_models(checkpoint: str | None = None, ratio: float | None = None,
-                 seed: int = 0) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+def bench_models(checkpoint: str | None = None, ratio: float | None = None, seed: int = 0,
+                 arch: str = DEFAULT_ARCH) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
     """(pruned, unpruned, description) for ``--checkpoint`` or ``--ratio`` (see module doc)."""
     from trainer.profiling import profile_model
 
@@ -77,18 +79,18 @@ def bench_models(checkpoint: str | None = None, ratio: float | None = None,
         ckpt = load_checkpoint(checkpoint)
         pruned = build_model(ckpt)
         torch.manual_seed(seed)
-        unpruned = ResNet50(ckpt["num_classes"])
+        unpruned = new_model(ckpt["arch"], ckpt["num_classes"])
         source = {"checkpoint": str(checkpoint), "ratio": ckpt.get("prune", {}).get("ratio")}
     else:
         from trainer.prune import prune
 
         ratio = check_ratio(DEFAULT_RATIO if ratio is None else ratio)
-        unpruned = random_gamma_resnet(10, seed)
+        unpruned = random_gamma_model(10, seed, arch)
         pruned = prune(unpruned, ratio).model
         source = {"checkpoint": None, "ratio": ratio, "gammas": f"U(0, 1), seed {seed}"}
     sizes = {name: profile_model(m, IMAGE_SIZE) for name, m in
              (("pruned", pruned), ("unpruned", unpruned))}
-    info = {**source, "num_classes": pruned.num_classes,
+    info = {**source, "arch": pruned.arch, "num_classes": pruned.num_classes,
             **{f"{k}_{f}": sizes[k][f] for k in sizes for f in ("params", "macs")}}
     return pruned, unpruned, info
 
@@ -203,6 +205,7 @@ class BenchOptions:
 
     checkpoint: str | None = None
     ratio: float | None = None
+    arch: str = DEFAULT_ARCH
     batch_size: int = 100
     steps: int = 10
     repeats: int = 5
@@ -214,12 +217,13 @@ class BenchOptions:
     tf32: bool = True
     channels_last: bool = True
     inference: bool = True
+    round_to: int = 1  # > 1: also time the model pruned at the same ratio with --round-to
 
 
 def check_options(opts: BenchOptions) -> None:
     """ConfigError naming the option and a valid value for anything unusable."""
     for flag, value in (("--batch-size", opts.batch_size), ("--steps", opts.steps),
-                        ("--repeats", opts.repeats)):
+                        ("--repeats", opts.repeats), ("--round-to", opts.round_to)):
         if value < 1:
             raise ConfigError(f"{flag} {value}: must be 1 or more")
     if opts.num_workers < 0:
@@ -282,7 +286,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
 
     check_options(opts)
     load_before = os.getloadavg()
-    pruned, unpruned, models = bench_models(opts.checkpoint, opts.ratio, opts.seed)
+    pruned, unpruned, models = bench_models(opts.checkpoint, opts.ratio, opts.seed, opts.arch)
     cfg = run_config(opts)
     accelerator = make_accelerator(cfg)
     cfg = cfg.replace(num_processes=accelerator.num_processes)
@@ -293,6 +297,11 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     if opts.inference:
         cases += [inference_case(m, cfg, device, opts.steps, f"inference_{name}")
                   for name, m in (("pruned", pruned), ("unpruned", unpruned))]
+    if opts.round_to > 1:  # the same ratio, each pruned layer at a multiple of round_to
+        rounded = rounded_model(unpruned, models, opts)
+        models["rounded_params"] = sum(p.numel() for p in rounded.parameters())
+        cases += [model_limit_case(rounded, cfg, device, opts.steps, "model_limit_rounded"),
+                  inference_case(rounded, cfg, device, opts.steps, "inference_rounded")]
     res = measure(cases, opts.repeats, device)
     default = loader_kind(cfg.replace(loader="auto"), device)
     return summarize(res, opts, device, models, default,
@@ -322,7 +331,19 @@ def summarize(res: dict[str, dict[str, Any]], opts: BenchOptions, device: torch.
         inf = {k: res[f"inference_{k}"]["img_s"] for k in ("pruned", "unpruned")}
         out["inference_img_s"] = inf
         out["inference_speedup"] = inf["pruned"] / inf["unpruned"]
+    if opts.round_to > 1:
+        out["round_to"] = {"k": opts.round_to,
+                           "model_limit_img_s": res["model_limit_rounded"]["img_s"],
+                           "inference_img_s": res["inference_rounded"]["img_s"]}
     return out
+
+
+def rounded_model(unpruned: nn.Module, models: dict[str, Any], opts: BenchOptions) -> nn.Module:
+    """The unpruned model pruned at the same ratio with --round-to (a checkpoint: its ratio)."""
+    from trainer.prune import prune
+
+    ratio = models.get("ratio") or DEFAULT_RATIO
+    return prune(unpruned, ratio, round_to=opts.round_to).model
 
 
 def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:

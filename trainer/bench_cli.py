@@ -20,6 +20,12 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, float, list[float], float |
                      rate / limit))
     for name, rate in result.get("inference_img_s", {}).items():
         rows.append((f"inference, {name} model", rate, runs[f"inference_{name}"], None))
+    if "round_to" in result:
+        k = result["round_to"]["k"]
+        rows.append((f"model limit, pruned --round-to {k}", result["round_to"][
+            "model_limit_img_s"], runs["model_limit_rounded"], None))
+        rows.append((f"inference, pruned --round-to {k}", result["round_to"][
+            "inference_img_s"], runs["inference_rounded"], None))
     return rows
 
 
@@ -44,6 +50,11 @@ def print_result(result: dict[str, Any]) -> None:
     console.print(f"pruned model: {m['pruned_params']:,} params, {m['pruned_macs'] / 1e6:.1f}M "
                   f"MACs/image; unpruned {m['unpruned_params']:,} params, "
                   f"{m['unpruned_macs'] / 1e6:.1f}M MACs/image")
+    if "round_to" in result and "inference_img_s" in result:
+        rounded = result["round_to"]
+        speed = rounded["inference_img_s"] / result["inference_img_s"]["pruned"]
+        console.print(f"pruned with --round-to {rounded['k']}: {m['rounded_params']:,} params; "
+                      f"inference {speed:.2f}x the pruned model's")
     if result["loop_over_model_limit"] is not None:
         kind = result["default_loader"]
         console.print(f"loop / model limit ({kind} loader, the default here): "
@@ -61,8 +72,10 @@ def parse_loaders(text: str) -> tuple[str, ...]:
 def bench_command(
     checkpoint: Annotated[str | None, typer.Option(
         "--checkpoint", help="Measure this (pruned) checkpoint.")] = None,
+    arch: Annotated[str, typer.Option(
+        "--arch", help="Without --checkpoint: the architecture to measure.")] = "resnet50",
     ratio: Annotated[float | None, typer.Option(
-        "--ratio", help="Without --checkpoint: prune a random-gamma ResNet-50 at this ratio "
+        "--ratio", help="Without --checkpoint: prune a random-gamma --arch model at this ratio "
                         "(default 0.9).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size.")] = 100,
     steps: Annotated[int, typer.Option("--steps", help="Batches per timed round.")] = 10,
@@ -83,6 +96,9 @@ def bench_command(
         "--channels-last/--no-channels-last", help="channels_last on CUDA.")] = True,
     inference: Annotated[bool, typer.Option(
         "--inference/--no-inference", help="Also time pruned vs unpruned inference.")] = True,
+    round_to: Annotated[int, typer.Option(
+        "--round-to", help="Also time the model pruned at the same ratio with every pruned "
+                           "layer at a multiple of this many channels (1 = off), e.g. 8.")] = 1,
 ) -> int:
     """Images/s of the model alone, of the real fine-tune loop per loader, and of inference.
 
@@ -93,10 +109,10 @@ def bench_command(
     """
     from trainer.bench import BenchOptions, run_bench
 
-    opts = BenchOptions(checkpoint=checkpoint, ratio=ratio, batch_size=batch_size, steps=steps,
-                        repeats=repeats, cpu=cpu, num_workers=num_workers,
+    opts = BenchOptions(checkpoint=checkpoint, ratio=ratio, arch=arch, batch_size=batch_size,
+                        steps=steps, repeats=repeats, cpu=cpu, num_workers=num_workers,
                         loaders=parse_loaders(loaders), seed=seed, compile=compile_, tf32=tf32,
-                        channels_last=channels_last, inference=inference)
+                        channels_last=channels_last, inference=inference, round_to=round_to)
     result = run_bench(opts)
     if json_out:
         print(json.dumps(result))

@@ -2,35 +2,31 @@
 
 A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` accepts::
 
-    format_version, arch, num_classes, cfg (the 49 channel widths), state_dict (unwrapped),
-    and where they apply: history, best_acc, best_epoch, config, prune
+    format_version, arch, num_classes, cfg (the model's channel widths), state_dict
+    (unwrapped), and where they apply: history, best_acc, best_epoch, config, prune
 
-The lab's bare ``{cfg, state_dict}`` files (with or without ``module.`` prefixes) load too.
-The key stays ``cfg`` for the lab's files; in code the list is called ``widths``.
+``arch`` is looked up in slimtune's own table (trainer.archs); ``cfg`` is what its family
+rebuilds the model from (the key keeps the lab's name; in code it is ``widths``). The lab's
+bare ``{cfg, state_dict}`` files (with or without ``module.`` prefixes), the network-slimming
+code's files and bare state_dicts load too: a file that names no arch is taken for what
+``--arch`` says, else for what its keys show, else for the lab's ResNet-50.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from trainer.errors import CheckpointError
+from trainer.archs import ARCHS, DEFAULT_ARCH, TORCHVISION, get_arch
+from trainer.errors import CheckpointError, ConfigError
 from trainer.files import atomic_path
-from trainer.models import (
-    ARCH,
-    ResNet50,
-    bn_names,
-    effective_widths,
-    unwrap_model,
-    validate_widths,
-)
+from trainer.models import detect_arch, family, new_model
+from trainer.safeload import safe_torch_load
+from trainer.slim import unwrap_model
 
 FORMAT_VERSION = 1
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -60,13 +56,18 @@ def make_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
     state = {k: v.detach().cpu().clone() for k, v in clean_state_dict(bare.state_dict()).items()}
     ckpt = {
         "format_version": FORMAT_VERSION,
-        "arch": ARCH,
-        "num_classes": int(bare.fc.out_features),
-        "cfg": list(bare.widths),
+        "arch": bare.arch,
+        "num_classes": int(bare.num_classes),
+        "cfg": _plain(bare.widths),
         "state_dict": state,
     }
     ckpt.update({k: v for k, v in extra.items() if v is not None})
     return ckpt
+
+
+def _plain(value: Any) -> Any:
+    """Lists all the way down (a torchvision model's widths nest lists)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -83,117 +84,33 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Mapping[str, Any]) -> None:
     atomic_torch_save(dict(ckpt), path)
 
 
-def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
-    """``torch.load(weights_only=True)`` with every failure turned into a CheckpointError."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{what} {path} does not exist; check the path")
-    if path.is_dir():
-        raise CheckpointError(f"{what} {path} is a folder; give the path of a .pth file")
-    if not os.access(path, os.R_OK):
-        raise CheckpointError(f"{what} {path} is not readable; check its permissions")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "GLOBAL" in text:  # torch 2.4+: "Unsupported global: GLOBAL mod.name ..."
-            raise CheckpointError(
-                f"{what} {path} was refused: it holds objects other than tensors and plain "
-                "values, and loading it would run code (it was not run); re-save it as "
-                "{cfg, state_dict} from the environment that made it"
-            ) from None
-        if "weights_only" in text or "Weights only load failed" in text:
-            # Not a torch file at all (text, image, random bytes) or a pickle using opcodes
-            # the safe loader refuses: either way nothing in it was executed.
-            raise CheckpointError(
-                f"{what} {path} is not a torch checkpoint the safe loader can read "
-                f"(weights_only=True refused it: {_weights_only_reason(text)}; nothing in it "
-                "was run); give a .pth file written by torch.save"
-            ) from None
-        raise CheckpointError(
-            f"{what} {path} is not a valid torch file ({_first_line(exc)})") from None
-    except OSError as exc:  # it exists, but reading fails (permissions, I/O error)
-        raise CheckpointError(f"{what} {path} cannot be read ({exc.strerror or _first_line(exc)}); "
-                              "check the file, its permissions and the disk") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        msg = _first_line(exc)
-        hint = "truncated or corrupt" if _looks_truncated(msg) else "not a torch checkpoint"
-        raise CheckpointError(
-            f"{what} {path} is {hint} ({msg}); re-create or re-download it") from None
-    except Exception as exc:  # noqa: BLE001 -- the legacy loader fails on junk in many ways
-        # (a text file: KeyError from the magic-number lookup; struct.error; ...)
-        raise CheckpointError(
-            f"{what} {path} is not a torch checkpoint ({type(exc).__name__}: "
-            f"{_first_line(exc)}); give a .pth file written by torch.save") from None
-
-
-def _weights_only_reason(text: str) -> str:
-    """The informative line of torch's long weights_only error (e.g. 'Unsupported operand 123')."""
-    for line in text.splitlines():
-        if line.strip().startswith("Unsupported"):
-            return line.strip()[:120]
-    return "unsupported content"
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first sentence of the first line (torch appends paragraphs of advice)."""
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line.split(". ")[0][:200]
-
-
-def _looks_truncated(msg: str) -> bool:
-    return any(s in msg for s in ("central directory", "EOF", "truncated", "unexpected end",
-                                  "failed finding"))
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate a checkpoint (slimtune or lab format); tensors on CPU.
+def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> dict[str, Any]:
+    """Load and validate a checkpoint (slimtune, lab or network-slimming format); tensors on
+    CPU. ``arch``: the architecture of a file that names none (default: what its keys show).
 
     Returns a normalized dict with at least ``format_version``, ``arch``, ``num_classes``,
     ``cfg`` and a clean ``state_dict`` whose shapes agree with ``cfg``.
     """
-    raw = safe_torch_load(path)
-    if not isinstance(raw, Mapping):
-        raise CheckpointError(
-            f"{path} holds a {type(raw).__name__}, not a checkpoint dict; expected at least "
-            "{cfg, state_dict}"
-        )
-    arch = raw.get("arch", ARCH)
-    if arch != ARCH:
-        raise CheckpointError(f"{path} is a {arch!r} checkpoint; slimtune works on {ARCH!r} only")
-    if raw.get("kind") == "resume" and isinstance(raw.get("model"), Mapping):
-        # a run's <stem>.last.pth: the weights of its last finished epoch (not its best)
-        raw = {"cfg": _widths_from_shapes(path, clean_state_dict(raw["model"])),
-               "state_dict": raw["model"],
-               **{k: raw[k] for k in ("history", "config") if k in raw}}
-    if "cfg" not in raw and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raw = {"cfg": _widths_from_shapes(path, clean_state_dict(raw)), "state_dict": raw}
-    for key in ("cfg", "state_dict"):
-        if key not in raw:
-            keys = [str(k) for k in raw]
-            shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} keys)" if len(keys) > 5 else "")
-            raise CheckpointError(
-                f"{path} has no '{key}' (keys: {shown or 'none'}); "
-                "expected a checkpoint with cfg and state_dict"
-            )
-    if not isinstance(raw["state_dict"], Mapping):
-        kind = type(raw["state_dict"]).__name__
-        raise CheckpointError(f"{path}: 'state_dict' is a {kind}, not a dict")
+    from trainer.safetensors_io import is_safetensors, load_safetensors  # .safetensors too
+    raw = _as_checkpoint(path, load_safetensors(path) if is_safetensors(path)
+                         else safe_torch_load(path))
     state = clean_state_dict(raw["state_dict"])
+    name = _arch_of(path, raw, state, arch)
+    fam = family(name)
     _check_types(path, raw, state)
     try:
-        widths = validate_widths(raw["cfg"])
+        widths = fam.check_widths(name, _widths_of(path, raw, state, name))
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    if "fc.weight" not in state:
-        raise CheckpointError(f"{path} has no fc.weight; it is not a {ARCH} state_dict")
     num_classes = raw.get("num_classes")
     if num_classes is None:
-        num_classes = int(state["fc.weight"].shape[0])
-    check_state_dict(state, widths, num_classes, source=str(path))
-    ckpt = dict(raw)
-    ckpt.update(format_version=raw.get("format_version", 0), arch=ARCH,
+        key = classifier_key(name)
+        if key not in state:
+            raise CheckpointError(f"{path} has no {key}; it is not a {name} state_dict")
+        num_classes = int(state[key].shape[0])
+    check_state_dict(state, name, widths, num_classes, source=str(path))
+    ckpt = {k: v for k, v in raw.items() if k != "bare"}
+    ckpt.update(format_version=raw.get("format_version", 0), arch=name,
                 num_classes=num_classes, cfg=widths, state_dict=state)
     if isinstance(raw.get("best_acc"), torch.Tensor):  # a lab file's: plain values from here on
         ckpt["best_acc"] = raw["best_acc"].item()
@@ -201,6 +118,68 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ckpt["history"] = {k: [x.item() if isinstance(x, torch.Tensor) else x for x in v]
                            for k, v in raw["history"].items()}
     return ckpt
+
+
+def _as_checkpoint(path, raw: Any) -> dict[str, Any]:
+    """A checkpoint dict from what the file holds: a checkpoint, a run's resume state, or a
+    bare state_dict (``torch.save(model.state_dict())``)."""
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a checkpoint dict; "
+                              "expected at least {cfg, state_dict}")
+    if raw.get("kind") == "resume" and isinstance(raw.get("model"), Mapping):
+        # a run's <stem>.last.pth: the weights of its last finished epoch (not its best)
+        config = raw.get("config") if isinstance(raw.get("config"), Mapping) else {}
+        return {**{k: raw[k] for k in ("arch", "cfg", "history", "config") if k in raw},
+                "arch": raw.get("arch") or config.get("arch"), "state_dict": raw["model"]}
+    if "cfg" not in raw and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        return {"state_dict": raw, "bare": True}
+    if not isinstance(raw.get("state_dict"), Mapping):
+        if "state_dict" in raw:
+            kind = type(raw["state_dict"]).__name__
+            raise CheckpointError(f"{path}: 'state_dict' is a {kind}, not a dict")
+        keys = [str(k) for k in raw]
+        shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} keys)" if len(keys) > 5 else "")
+        missing = "cfg" if "cfg" not in raw else "state_dict"
+        raise CheckpointError(f"{path} has no '{missing}' (keys: {shown or 'none'}); "
+                              "expected a checkpoint with cfg and state_dict")
+    return dict(raw)
+
+
+def _arch_of(path, raw: Mapping, state: Mapping, arch: str | None) -> str:
+    """The file's own arch, else ``arch``, else what its keys show, else the lab's."""
+    name = raw.get("arch") or arch or detect_arch(state) or DEFAULT_ARCH
+    try:
+        get_arch(name)
+    except ConfigError:
+        raise CheckpointError(f"{path} names the architecture {name!r}, which slimtune does not "
+                              f"know; it slims {', '.join(ARCHS)} and {TORCHVISION}NAME") from None
+    return name
+
+
+def _widths_of(path, raw: Mapping, state: Mapping, arch: str) -> Any:
+    """The file's ``cfg``, or the widths its shapes show (a bare or official main.py file)."""
+    if raw.get("cfg") is not None:
+        return raw["cfg"]
+    try:
+        return family(arch).widths_from_state(arch, state)
+    except (KeyError, IndexError):
+        if raw.get("bare"):
+            raise CheckpointError(
+                f"{path} is a bare state_dict ({len(state)} tensors, first "
+                f"{next(iter(state), None)!r}) that is not the lab ResNet-50's nor another "
+                "architecture slimtune knows; give a slimtune or lab checkpoint {cfg, "
+                "state_dict}, or name its architecture with --arch") from None
+        keys = [str(k) for k in raw]
+        raise CheckpointError(f"{path} has no 'cfg' (keys: {', '.join(keys[:5])}) and its "
+                              f"state_dict is not a {arch}'s; expected a checkpoint with cfg "
+                              "and state_dict") from None
+
+
+def classifier_key(arch: str) -> str:
+    """The state_dict key of ``arch``'s final Linear weight (its class count)."""
+    with torch.device("meta"):
+        model = family(arch).build(arch, 2)
+    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
 
 
 _NUMBER = (int, float, torch.Tensor)  # a lab file may keep accuracies as 1-element tensors
@@ -235,55 +214,44 @@ def _check_types(path, raw: Mapping, state: Mapping) -> None:
                               "or damaged: re-create it")
 
 
-def _widths_from_shapes(path: str | os.PathLike,
-                        state: Mapping[str, torch.Tensor]) -> list[int]:
-    """The widths of a bare state_dict (``torch.save(model.state_dict())``): each BatchNorm's
-    width."""
-    try:
-        return [int(state[f"{name}.weight"].shape[0]) for name in bn_names()]
-    except KeyError:
-        raise CheckpointError(
-            f"{path} is a bare state_dict ({len(state)} tensors, first {next(iter(state))!r}) "
-            "that is not the lab ResNet-50's; give a slimtune or lab checkpoint "
-            "{cfg, state_dict}") from None
-
-
-def check_state_dict(state: Mapping[str, torch.Tensor], widths: list[int], num_classes: int,
-                     source: str = "checkpoint") -> None:
-    """Raise CheckpointError if ``state`` does not fit ``ResNet50(num_classes, widths)``."""
-    with torch.device("meta"):
-        expected = ResNet50(num_classes, widths).state_dict()
+def check_state_dict(state: Mapping[str, torch.Tensor], arch: str, widths: Any,
+                     num_classes: int, source: str = "checkpoint") -> None:
+    """Raise CheckpointError if ``state`` does not fit ``arch`` at ``widths``."""
+    expected = _expected_shapes(arch, widths, num_classes, source)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    for key, ref in expected.items():
-        if key in state and tuple(state[key].shape) != tuple(ref.shape):
-            raise CheckpointError(
-                f"{source}: {key} has shape {tuple(state[key].shape)} but the cfg "
-                f"({_cfg_entry_for(key, widths)}) expects {tuple(ref.shape)}; "
-                "cfg and state_dict disagree"
-            )
+    for key, shape in expected.items():
+        if key in state and tuple(state[key].shape) != shape:
+            entry = family(arch).widths_entry(arch, widths, key)
+            raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)} but the "
+                                  f"cfg ({entry}) expects {shape}; cfg and state_dict disagree")
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} keys (first: {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
-        raise CheckpointError(f"{source}: state_dict does not match {ARCH}: {'; '.join(parts)}")
+        raise CheckpointError(f"{source}: state_dict does not match {arch}: {'; '.join(parts)}")
 
 
-def _cfg_entry_for(key: str, widths: list[int]) -> str:
-    names = bn_names()
-    eff = effective_widths(widths)
-    layer = key.rsplit(".", 1)[0]
-    for i, name in enumerate(names):
-        if layer == name or layer == name.replace("bn", "conv"):
-            return f"cfg[{i}]={eff[i]} for {name}"
-    return "cfg"
+def _expected_shapes(arch: str, widths: Any, num_classes: int,
+                     source: str) -> dict[str, tuple[int, ...]]:
+    fam = family(arch)
+    try:
+        if get_arch(arch).family == "torchvision":  # replaying its history needs real tensors
+            model = fam.build(arch, num_classes, widths)
+        else:
+            with torch.device("meta"):
+                model = fam.build(arch, num_classes, widths)
+    except (ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"{source}: its cfg does not rebuild a {arch} ({type(exc).__name__}"
+                              f": {str(exc)[:120]}); the file was edited or damaged") from None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def build_model(ckpt: Mapping[str, Any]) -> ResNet50:
+def build_model(ckpt: Mapping[str, Any]) -> nn.Module:
     """Rebuild the model a loaded checkpoint describes, with its weights."""
-    model = ResNet50(int(ckpt["num_classes"]), ckpt["cfg"])
+    model = new_model(ckpt["arch"], int(ckpt["num_classes"]), ckpt["cfg"])
     model.load_state_dict(ckpt["state_dict"])
     return model
 

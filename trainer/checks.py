@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from trainer.archs import get_arch
 from trainer.config import (
+    BUDGET_KINDS,
     DATASETS,
     LOADERS,
     MIXED_PRECISIONS,
@@ -21,7 +23,7 @@ from trainer.config import (
     RunConfig,
 )
 from trainer.errors import ConfigError
-from trainer.paths import input_checkpoint, ratio_tag, written_files
+from trainer.paths import fmt_count, input_checkpoint, ratio_tag, written_files
 
 
 def _one_of(flag: str, value: object, choices: tuple[str, ...]) -> tuple[bool, str]:
@@ -57,10 +59,22 @@ def validate(cfg: RunConfig) -> None:
         (cfg.limit_batches is None or cfg.limit_batches >= 1,
          f"--limit-batches {cfg.limit_batches}: must be 1 or more"),
         (cfg.image_size >= 8, f"--image-size {cfg.image_size}: must be 8 or more"),
+        (cfg.round_to >= 1, f"--round-to {cfg.round_to}: use 1 (off) or more, e.g. 8"),
+        (cfg.passes >= 1, f"--passes {cfg.passes}: need at least 1"),
+        (math.isfinite(cfg.kd_alpha) and 0 <= cfg.kd_alpha <= 1,
+         f"--kd-alpha {cfg.kd_alpha}: must be in [0, 1] (the weight of the teacher's term)"),
+        (math.isfinite(cfg.kd_temperature) and cfg.kd_temperature > 0,
+         f"--kd-temperature {cfg.kd_temperature}: must be above 0, e.g. 4"),
+        _one_of("--target-kind", cfg.target_kind, BUDGET_KINDS),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message + "; see --help")
+    if cfg.arch is not None:
+        get_arch(cfg.arch)
+    if cfg.sync_bn and cfg.cpu:
+        raise ConfigError("--sync-bn synchronises BatchNorm over GPU processes and needs CUDA; "
+                          "drop it with --cpu")
     check_dp(cfg)
     _check_pruning(cfg)
     if cfg.command == "pipeline" and (cfg.train_epochs < 1 or cfg.finetune_epochs < 1):
@@ -83,13 +97,23 @@ def check_dp(cfg: RunConfig) -> None:
 
 
 def _check_pruning(cfg: RunConfig) -> None:
-    if cfg.command == "prune" and cfg.ratio is None:
-        raise ConfigError("prune needs --ratio R with 0 < R < 1 (the fraction of channels to "
-                          "remove), e.g. --ratio 0.5")
     if cfg.command == "prune":
-        check_ratio(cfg.ratio)
-    if cfg.command == "pipeline":
+        given = [f for f, v in (("--ratio", cfg.ratio), ("--target-params", cfg.target_params),
+                                ("--target-macs", cfg.target_macs)) if v is not None]
+        if not given:
+            raise ConfigError("prune needs --ratio R with 0 < R < 1 (the fraction of channels "
+                              "to remove), e.g. --ratio 0.5, or a budget: --target-params 4M "
+                              "or --target-macs 100M")
+        if len(given) > 1:
+            raise ConfigError(f"{' and '.join(given)} both say how much to prune; give one")
+        if cfg.ratio is not None:
+            check_ratio(cfg.ratio)
+    if cfg.command == "pipeline" and not cfg.targets:
         check_ratios(cfg.ratios)
+    if cfg.command == "pipeline" and cfg.targets:
+        twice = sorted({fmt_count(t) for t in cfg.targets if cfg.targets.count(t) > 1})
+        if twice:
+            raise ConfigError(f"--targets lists {', '.join(twice)} twice; give each budget once")
     check_scope(cfg.scope)
 
 
@@ -121,6 +145,20 @@ def check_scope(scope: str) -> str:
     return scope
 
 
+def parse_count(text: str | int | float, flag: str) -> int:
+    """A count of params or MACs: 4000000, 4e6, 4M, 2.5M or 1.2G (K, M, G: 10^3, 10^6, 10^9)."""
+    raw = str(text).strip()
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(raw[-1:].upper(), 1)
+    try:
+        value = float(raw[:-1] if scale != 1 else raw) * scale
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 1:
+        raise ConfigError(f"{flag} {raw!r} is not a positive count; write e.g. 4M, 4e6 or "
+                          "4000000 (K, M, G suffixes)")
+    return int(round(value))
+
+
 def check_batch_split(batch_size: int, processes: int, flag: str = "--batch-size") -> int:
     """DDP splits the global batch evenly; returns the per-process batch."""
     if processes > 1 and batch_size % processes:
@@ -132,11 +170,13 @@ def check_batch_split(batch_size: int, processes: int, flag: str = "--batch-size
 
 def check_written_files(cfg: RunConfig) -> None:
     """No run writes over its input or onto a folder (found before any work, not after it)."""
-    src = input_checkpoint(cfg)
+    sources = [(s, w) for s, w in ((input_checkpoint(cfg), "the input checkpoint"),
+                                   (cfg.teacher, "the --teacher checkpoint")) if s]
     for what, path in written_files(cfg):
-        if src and path.resolve() == Path(src).resolve():
-            raise ConfigError(f"{what} {path} is the input checkpoint; choose another path "
-                              "(slimtune never overwrites its source)")
+        for src, name in sources:
+            if path.resolve() == Path(src).resolve():
+                raise ConfigError(f"{what} {path} is {name}; choose another path (slimtune "
+                                  "never overwrites its source)")
         if path.is_dir():
             raise ConfigError(f"{what} {path} is a folder; give a file path")
 

@@ -92,12 +92,14 @@ def build_app(dispatch: Dispatch | None = None, name: str = "slimtune") -> typer
     for spec in COMMANDS:
         app.command(spec.name)(_make_command(spec, dispatch or _run_in_process))
     from trainer.bench_cli import register as register_bench
+    from trainer.export_cli import register as register_export
     from trainer.info import register as register_info
-    from trainer.report import register as register_report
+    from trainer.measure_cli import register as register_report
 
     register_info(app)
     register_report(app)
     register_bench(app)
+    register_export(app)
     set_short_help(app)
     return app
 

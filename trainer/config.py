@@ -20,6 +20,9 @@ OPTIMIZERS = ("sgd", "adam")
 MODES = ("ddp", "dp")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 SCOPES = ("all", "prunable")
+BUDGET_KINDS = ("params", "macs")
+RUNTIMES = ("torch", "onnxruntime")  # what profile/compare --latency time
+DEVICES = ("cpu", "cuda")  # where they time it
 
 # ---------------------------------------------------------------- recipes
 
@@ -45,7 +48,9 @@ LAUNCHER_FIELDS = frozenset({
 RESULT_FIELDS = ("command", "dataset", "data_dir", "image_size", "batch_size", "epochs", "lr",
                  "optimizer", "momentum", "weight_decay", "warmup_epochs", "sparsity", "ratio",
                  "seed", "limit_batches", "checkpoint", "init", "mode", "num_processes",
-                 "mixed_precision", "loader", "synthetic_train", "synthetic_test", "gamma_init")
+                 "mixed_precision", "loader", "synthetic_train", "synthetic_test", "gamma_init",
+                 "arch", "target_params", "target_macs", "round_to", "teacher", "kd_alpha",
+                 "kd_temperature", "sync_bn")
 
 # Settings that do not change a run's numbers; left out of the saved config so a resumed
 # run's checkpoint equals an uninterrupted run's.
@@ -69,6 +74,8 @@ class RunConfig:
     loader: str = "auto"
     limit_batches: int | None = None  # cap on training batches per epoch (smoke runs)
     # model / files
+    arch: str | None = None  # train/pipeline: what to build (None: resnet50); else: the
+    # architecture of an input file that names none (None: what its keys show)
     checkpoint: str | None = None  # input checkpoint (finetune/prune/evaluate)
     init: str | None = None  # train: start from this checkpoint's weights
     gamma_init: float = 1.0  # train from scratch: initial BatchNorm γ (bn3 of each block: 0)
@@ -83,9 +90,19 @@ class RunConfig:
     weight_decay: float = FINETUNE_RECIPE["weight_decay"]
     warmup_epochs: float = FINETUNE_RECIPE["warmup_epochs"]  # linear LR warm-up, in epochs
     sparsity: float = 0.0  # λ of the L1 penalty on BatchNorm γ
+    teacher: str | None = None  # finetune: distil from this checkpoint
+    kd_alpha: float = 0.9  # weight of the distillation term (1 - α: cross-entropy)
+    kd_temperature: float = 4.0
     # pruning
     ratio: float | None = None
+    target_params: int | None = None  # prune to at most this many params (instead of ratio)
+    target_macs: int | None = None  # ... or MACs, as thop counts them at image_size
+    round_to: int = 1  # every pruned layer keeps a multiple of this many channels
     ratios: tuple[float, ...] = (0.5, 0.9)
+    targets: tuple[int, ...] = ()  # pipeline: budgets instead of ratios
+    target_kind: str = "params"  # what pipeline's targets count: params or macs
+    passes: int = 1  # pipeline: prune -> fine-tune rounds to reach each ratio/budget
+    kd: bool = False  # pipeline: every fine-tune distils from the sparse model
     scope: str = "all"
     min_channels: int = 1
     eval: bool = True
@@ -106,6 +123,7 @@ class RunConfig:
     channels_last: bool = True
     cudnn_benchmark: bool = True
     compile: bool = False
+    sync_bn: bool = False  # SyncBatchNorm over the processes of a multi-GPU job
     log_with: str | None = None
     dist_timeout: int = 300  # seconds a collective may wait before the job fails
     resume: bool = False
@@ -126,15 +144,16 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain values only (safe for ``weights_only`` checkpoints and JSON)."""
         out = dataclasses.asdict(self)
-        out["ratios"] = list(self.ratios)
+        out["ratios"], out["targets"] = list(self.ratios), list(self.targets)
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
-        if "ratios" in values:
-            values["ratios"] = tuple(values["ratios"])
+        for key in ("ratios", "targets"):
+            if key in values:
+                values[key] = tuple(values[key])
         return cls(**values)
 
     def replace(self, **changes: Any) -> RunConfig:

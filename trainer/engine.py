@@ -60,7 +60,7 @@ def add_sparsity_grad(model: nn.Module, lam: float) -> None:
     if lam <= 0:
         return
     for m in unwrap_model(model).modules():
-        if isinstance(m, nn.BatchNorm2d) and m.weight.grad is not None:
+        if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) and m.weight.grad is not None:
             m.weight.grad.add_(torch.sign(m.weight.detach()), alpha=lam)
 
 
@@ -154,10 +154,24 @@ def _check(losses: list[torch.Tensor], epoch: int, first_step: int, device) -> N
         raise StopRequested(signum, epoch + 1)
 
 
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, ce: torch.Tensor, alpha: float,
+            temperature: float) -> torch.Tensor:
+    """α·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1−α)·CE (Hinton et al. 2015; T² keeps
+    the soft term's gradients on the scale of the hard one's). KL is averaged over the batch."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                  reduction="batchmean", log_target=True)
+    return alpha * t * t * kl + (1.0 - alpha) * ce
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
                     accelerator, cfg: RunConfig, epoch: int,
-                    on_step: Callable[..., None] | None = None) -> dict[str, float]:
-    """One pass over ``loader``; returns loss/accuracy averaged over ALL ranks' samples.
+                    on_step: Callable[..., None] | None = None,
+                    teacher: nn.Module | None = None) -> dict[str, float]:
+    """One pass over ``loader``; returns cross-entropy/accuracy over ALL ranks' real samples
+    (a loader's ``real_samples``: the padding that evens out DDP shards is trained on but not
+    counted). With a ``teacher`` (eval mode, no grad, not DDP-wrapped) the loss optimised is
+    :func:`kd_loss` with ``cfg.kd_alpha``/``cfg.kd_temperature``.
 
     ``on_step(step, steps, n, running)`` follows every step; ``running`` is this rank's
     (loss, accuracy %) so far, read only right after a NaN/stop check (which already
@@ -167,14 +181,18 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     device = accelerator.device
     steps = len(loader)
     check_every = 1 if device.type == "cpu" else 25  # a GPU sync every 25 steps is cheap
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.float64)
-    count = torch.zeros((), device=device, dtype=torch.float64)
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, correct, count
+    real, seen = getattr(loader, "real_samples", None), 0
     pending, pending_start = [], 0
     for step, (x, y) in enumerate(loader):
         set_lr(optimizer, lr_at(cfg, epoch, step, steps))
         out = _forward(model, x, accelerator)
-        loss = F.cross_entropy(out.float(), y)
+        ce = F.cross_entropy(out.float(), y)
+        loss = ce
+        if teacher is not None:
+            with torch.no_grad():
+                soft = _forward(teacher, x, accelerator).float()
+            loss = kd_loss(out.float(), soft, ce, cfg.kd_alpha, cfg.kd_temperature)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if cfg.sparsity > 0:
@@ -182,23 +200,34 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             add_sparsity_grad(model, cfg.sparsity)
         optimizer.step()
         n = y.shape[0]
-        loss_sum += loss.detach().double() * n
-        correct += (out.detach().argmax(1) == y).sum()
-        count += n
+        n_real = n if real is None else min(n, max(0, real - seen))
+        seen += n
+        sums += _tally(out.detach(), y, ce.detach(), n_real)
         pending.append(loss.detach())
         running = None
         if (step + 1) % check_every == 0 or step + 1 == steps:
             _check(pending, epoch, pending_start, device)
             pending, pending_start = [], step + 1
             if on_step is not None and dist.is_main():
-                c = count.item()
-                running = (loss_sum.item() / c, 100.0 * correct.item() / c)
+                c = max(sums[2].item(), 1.0)
+                running = (sums[0].item() / c, 100.0 * sums[1].item() / c)
         if on_step is not None:
             on_step(step + 1, steps, n, running)
-    totals = dist.all_reduce_sum(torch.stack([loss_sum, correct, count]))
+    totals = dist.all_reduce_sum(sums)
     total = max(totals[2].item(), 1.0)
     return {"train_loss": totals[0].item() / total, "train_acc": 100.0 * totals[1].item() / total,
             "train_samples": int(totals[2].item())}
+
+
+def _tally(out: torch.Tensor, y: torch.Tensor, ce: torch.Tensor, n_real: int) -> torch.Tensor:
+    """[loss sum, correct, count] of a batch's first ``n_real`` (real) samples."""
+    if n_real < y.shape[0]:  # the shard's padding at its end: the rare batch that holds some
+        out, y = out[:n_real], y[:n_real]
+        ce = F.cross_entropy(out.float(), y) if n_real else ce.new_zeros(())
+    hits = (out.argmax(1) == y).sum()
+    # torch.full is a fill kernel; a tensor made from a Python number is a blocking host copy
+    count = torch.full((), float(n_real), device=y.device, dtype=torch.float64)
+    return torch.stack([ce.double() * n_real, hits.double(), count])
 
 
 def eval_view(model: nn.Module) -> nn.Module:

@@ -14,13 +14,7 @@ import torch
 from torch import nn
 
 from trainer import dist
-from trainer.checkpoint import (
-    HISTORY_KEYS,
-    atomic_torch_save,
-    make_checkpoint,
-    safe_torch_load,
-    save_checkpoint,
-)
+from trainer.checkpoint import HISTORY_KEYS, atomic_torch_save, make_checkpoint, save_checkpoint
 from trainer.config import RESULT_FIELDS, RunConfig, saved_config
 from trainer.engine import STOP, eval_view, evaluate, lr_at, sync_buffers, train_one_epoch
 from trainer.errors import CheckpointError, ConfigError, StopRequested, TrainingError
@@ -29,6 +23,7 @@ from trainer.gpu_loader import derive_seed
 from trainer.models import unwrap_model
 from trainer.paths import run_paths
 from trainer.progress import EpochProgress, say
+from trainer.safeload import safe_torch_load
 
 
 def empty_history() -> dict[str, list]:
@@ -77,8 +72,10 @@ def _same_setting(key: str, a: Any, b: Any) -> bool:
     return a == b
 
 
-def load_resume(path: Path, cfg: RunConfig, model: nn.Module, optimizer) -> FitState:
-    """Restore model, optimizer, history and best-so-far from a ``.last.pth`` state."""
+def load_resume(path: Path, cfg: RunConfig, model: nn.Module, optimizer,
+                scaler=None) -> FitState:
+    """Restore model, optimizer, fp16 loss scaler, history and best-so-far from a
+    ``.last.pth`` state."""
     if not path.exists():
         raise ConfigError(f"--resume: no resume state at {path}; run without --resume to start")
     state = safe_torch_load(path, what="resume state")
@@ -92,6 +89,8 @@ def load_resume(path: Path, cfg: RunConfig, model: nn.Module, optimizer) -> FitS
         raise ConfigError(f"--resume refused, settings differ from the interrupted run "
                           f"({'; '.join(diffs)}); rerun with the same settings or --force-resume")
     _restore(path, state, saved, cfg, model, optimizer)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])  # the loss scale the interrupted run had reached
     return FitState(next_epoch=int(state["epoch"]), best_acc=float(state["best_acc"]),
                     best_epoch=state["best_epoch"], history=state["history"])
 
@@ -143,12 +142,15 @@ def _clean_stale_temps(paths: dict[str, Path]) -> None:
 
 
 def fit(model: nn.Module, optimizer, *, accelerator, cfg: RunConfig, train_loader, test_loader,
-        output: Path, plot: Path | None, extra: dict[str, Any], title: str) -> FitState:
-    """Train for ``cfg.epochs``; keep the best checkpoint (by test accuracy) at ``output``."""
+        output: Path, plot: Path | None, extra: dict[str, Any], title: str,
+        teacher: nn.Module | None = None) -> FitState:
+    """Train for ``cfg.epochs``; keep the best checkpoint (by test accuracy) at ``output``.
+    ``teacher``: distil from it (trainer.engine.kd_loss)."""
     paths = run_paths(output)
     main = dist.is_main()
     if cfg.resume:
-        state = load_resume(paths["last"], cfg, model, optimizer)
+        state = load_resume(paths["last"], cfg, model, optimizer,
+                            getattr(accelerator, "scaler", None))
     else:
         keep_interrupted_run(paths["last"], cfg)
         state = FitState()
@@ -165,7 +167,7 @@ def fit(model: nn.Module, optimizer, *, accelerator, cfg: RunConfig, train_loade
         for epoch in range(first, cfg.epochs):
             _run_epoch(model, optimizer, epoch, state, bar, accelerator=accelerator, cfg=cfg,
                        train_loader=train_loader, test_loader=test_loader, paths=paths,
-                       extra=extra, compiling=cfg.compile and epoch == first)
+                       extra=extra, compiling=cfg.compile and epoch == first, teacher=teacher)
     except StopRequested as stop:
         stop.resumable = paths["last"].exists()
         raise
@@ -191,7 +193,7 @@ def fit(model: nn.Module, optimizer, *, accelerator, cfg: RunConfig, train_loade
 
 def _run_epoch(model, optimizer, epoch: int, state: FitState, bar: EpochProgress, *,
                accelerator, cfg: RunConfig, train_loader, test_loader, paths, extra,
-               compiling: bool = False) -> None:
+               compiling: bool = False, teacher: nn.Module | None = None) -> None:
     # Data order and augmentation are pure functions of (seed, epoch, rank) (trainer.data);
     # reseeding the global RNG per epoch makes anything else that draws from it (dropout, a
     # random transform) one too. A run resumed at an epoch boundary therefore draws the same
@@ -200,7 +202,7 @@ def _run_epoch(model, optimizer, epoch: int, state: FitState, bar: EpochProgress
     train_loader.set_epoch(epoch)
     bar.start_epoch(epoch)
     tm = train_one_epoch(model, train_loader, optimizer, accelerator=accelerator, cfg=cfg,
-                         epoch=epoch, on_step=bar.step)
+                         epoch=epoch, on_step=bar.step, teacher=teacher)
     rate = bar.images_per_s()
     compile_s = None
     if compiling:  # this process's first epoch compiles in its first step: report apart
@@ -223,18 +225,8 @@ def _run_epoch(model, optimizer, epoch: int, state: FitState, bar: EpochProgress
         state.best_acc, state.best_epoch = em["accuracy"], epoch + 1
     state.next_epoch = epoch + 1
     if dist.is_main():
-        config = saved_config(cfg)
-        if improved:
-            save_checkpoint(paths["best"], make_checkpoint(
-                model, history=_copy(state.history), best_acc=state.best_acc,
-                best_epoch=state.best_epoch, config=config, **extra))
-        atomic_torch_save({
-            "kind": "resume", "model": make_checkpoint(model)["state_dict"],
-            "optimizer": optimizer.state_dict(), "epoch": state.next_epoch,
-            "best_acc": state.best_acc, "best_epoch": state.best_epoch,
-            "history": _copy(state.history), "config": config,
-            "finished": state.next_epoch >= cfg.epochs}, paths["last"])
-        write_csv(paths["csv"], state.history, append_last=True)
+        _save_epoch(model, optimizer, state, improved, accelerator=accelerator, cfg=cfg,
+                    paths=paths, extra=extra)
         mark = " *best*" if improved else ""
         if compile_s is not None:
             say(f"torch.compile: {compile_s:.1f} s in the first step of epoch {epoch + 1} "
@@ -249,6 +241,31 @@ def _run_epoch(model, optimizer, epoch: int, state: FitState, bar: EpochProgress
         if compile_s is not None:
             logged["compile_s"] = compile_s
         accelerator.log(logged, step=epoch + 1)
+
+
+def _save_epoch(model, optimizer, state: FitState, improved: bool, *, accelerator,
+                cfg: RunConfig, paths: dict[str, Path], extra: dict[str, Any]) -> None:
+    """The best checkpoint (when the epoch beat it), the resume state and the CSV row."""
+    config = saved_config(cfg)
+    if improved:
+        save_checkpoint(paths["best"], make_checkpoint(
+            model, history=_copy(state.history), best_acc=state.best_acc,
+            best_epoch=state.best_epoch, config=config, **extra))
+    weights = make_checkpoint(model)
+    atomic_torch_save({
+        "kind": "resume", "model": weights["state_dict"], "arch": weights["arch"],
+        "cfg": weights["cfg"], "optimizer": optimizer.state_dict(), "epoch": state.next_epoch,
+        "scaler": _scaler_state(accelerator), "best_acc": state.best_acc,
+        "best_epoch": state.best_epoch, "history": _copy(state.history), "config": config,
+        "finished": state.next_epoch >= cfg.epochs}, paths["last"])
+    write_csv(paths["csv"], state.history, append_last=True)
+
+
+def _scaler_state(accelerator) -> dict | None:
+    """fp16's GradScaler state (its loss scale and growth tracker), so that a resumed run
+    scales, and skips steps, as the uninterrupted one would."""
+    scaler = getattr(accelerator, "scaler", None)
+    return None if scaler is None else scaler.state_dict()
 
 
 def _copy(history: dict[str, list]) -> dict[str, list]:

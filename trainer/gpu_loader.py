@@ -91,6 +91,13 @@ def shard_permutation(n: int, seed: int, epoch: int, rank: int, world_size: int)
     return perm[rank::world_size]
 
 
+def real_samples(n: int, rank: int, world_size: int, num_samples: int) -> int:
+    """How many of a rank's first ``num_samples`` samples of an epoch are real (of ``n``). A
+    shard is padded at its end (the order wraps around to even out the ranks): rank r's k-th
+    sample is position r + k·world of the padded order, real while that is below ``n``."""
+    return min(num_samples, max(0, -(-(n - rank) // world_size)))
+
+
 class GPUTrainLoader:
     """Shuffled, augmented, normalised training batches from a device-resident uint8 set.
 
@@ -115,6 +122,7 @@ class GPUTrainLoader:
         batches = math.ceil(per_rank / batch_size)
         self._len = batches if limit_batches is None else min(batches, limit_batches)
         self.num_samples = min(per_rank, self._len * batch_size)  # per rank per epoch
+        self.real_samples = real_samples(len(self.labels), rank, world_size, self.num_samples)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -11,32 +11,40 @@ import typer
 
 def describe(path: str) -> dict[str, Any]:
     """Architecture, classes, params, per-stage widths, history and prune metadata."""
+    from trainer.archs import get_arch
     from trainer.checkpoint import build_model, load_checkpoint, summarize_history
-    from trainer.models import (
-        STAGE_BLOCKS,
-        bn_names,
-        count_params,
-        default_widths,
-        effective_widths,
-    )
+    from trainer.models import count_params, new_model
+    from trainer.prune import units_of
 
     ckpt = load_checkpoint(path)
-    widths, full, names = effective_widths(ckpt["cfg"]), default_widths(), bn_names()
-    stages = []
-    for stage in range(1, len(STAGE_BLOCKS) + 1):
-        idx = [i for i, n in enumerate(names) if n.startswith(f"layer{stage}.")
-               and n.endswith((".bn1", ".bn2"))]
-        stages.append({"stage": f"layer{stage}", "kept": sum(widths[i] for i in idx),
-                       "full": sum(full[i] for i in idx),
-                       "blocks": [[widths[i], widths[i + 1]] for i in idx[::2]]})
+    model = build_model(ckpt)
+    arch = ckpt["arch"]
+    kept = _per_stage(arch, units_of(model))
+    full = _per_stage(arch, units_of(new_model(arch, ckpt["num_classes"])))
+    stages = [{"stage": stage, "kept": sum(sum(b) for b in blocks),
+               "full": sum(sum(b) for b in full[stage]), "blocks": blocks}
+              for stage, blocks in kept.items()]
     out = {"path": str(path),
            "format": "slimtune" if ckpt["format_version"] else "lab {cfg, state_dict}",
-           "arch": ckpt["arch"], "num_classes": ckpt["num_classes"],
-           "params": count_params(build_model(ckpt)), "pruned": widths != full, "stages": stages,
-           **summarize_history(ckpt)}
+           "arch": arch, "prunes": get_arch(arch).pruned, "num_classes": ckpt["num_classes"],
+           "params": count_params(model), "pruned": any(s["kept"] != s["full"] for s in stages),
+           "stages": stages, **summarize_history(ckpt)}
     if "prune" in ckpt:
         out["prune"] = ckpt["prune"]
     return out
+
+
+def _per_stage(arch: str, units) -> dict[str, list[list[int]]]:
+    """stage -> per block, the live channels of each prunable unit (e.g. [bn1, bn2])."""
+    from trainer.models import family
+
+    stages: dict[str, dict[str, list[int]]] = {}
+    for unit in units:
+        if unit.prunable:
+            block = unit.name.rsplit(".", 1)[0] if "." in unit.name else unit.name
+            stage = family(arch).stage(arch, unit.name)
+            stages.setdefault(stage, {}).setdefault(block, []).append(len(unit.gamma))
+    return {stage: list(blocks.values()) for stage, blocks in stages.items()}
 
 
 def info(
@@ -54,11 +62,12 @@ def info(
     console = Console(highlight=False)
     console.print(f"[bold]{Path(checkpoint).name}[/]  {d['arch']}, {d['num_classes']} classes, "
                   f"{d['params']:,} params ({d['format']} checkpoint)")
-    table = Table(title="bn1/bn2 channels per stage (kept / full)")
-    for col in ("stage", "kept / full", "per block [bn1, bn2]"):
+    console.print(f"pruned: {d['prunes']}")
+    table = Table(title="pruned channels per stage (kept / full)")
+    for col in ("stage", "kept / full", "per block"):
         table.add_column(col)
     for s in d["stages"]:
-        blocks = " ".join(f"[{a},{b}]" for a, b in s["blocks"])
+        blocks = " ".join("[" + ",".join(map(str, b)) + "]" for b in s["blocks"])
         table.add_row(s["stage"], f"{s['kept']} / {s['full']}", blocks)
     console.print(table)
     if d["epochs"]:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from trainer.config import LOADER_KINDS
 from trainer.data import Datasets
 from trainer.errors import DataError
-from trainer.gpu_loader import GPUTestLoader, GPUTrainLoader, derive_seed
+from trainer.gpu_loader import GPUTestLoader, GPUTrainLoader, derive_seed, real_samples
 
 
 class TrainLoader(Protocol):
@@ -113,6 +113,7 @@ class TorchTrainLoader:
         full = len(self.batches)
         self._len = full if limit_batches is None else min(full, limit_batches)
         self.num_samples = min(len(sampler), self._len * batch_size)
+        self.real_samples = real_samples(len(dataset), rank, world_size, self.num_samples)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration yields."""

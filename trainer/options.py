@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainer.archs import ARCHS, DEFAULT_ARCH, TORCHVISION, recipes_text
+from trainer.checks import parse_count
 from trainer.config import (
     DATASETS,
     FINETUNE_RECIPE,
@@ -17,12 +19,14 @@ from trainer.config import (
     MODES,
     OPTIMIZERS,
     SCOPES,
-    SPARSITY,
     TRAIN_RECIPE,
     RunConfig,
 )
 from trainer.errors import UserError
 from trainer.paths import CHECKPOINTS, DENSE, LAB_CURVES, PLOTS, PRUNED, SPARSE
+
+# train/pipeline: the arch picks these (trainer.archs.with_recipe fills them in).
+ARCH_RECIPE: dict[str, Any] = {"gamma_init": None, "warmup_epochs": None}
 
 
 def _or(choices: tuple[str, ...]) -> str:
@@ -48,7 +52,10 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "checkpoint": (str | None, "Input checkpoint (.pth)."),
     "init": (str | None, "Start from this checkpoint's weights instead of from scratch "
                          "(default: from scratch)."),
-    "gamma_init": (float, "From scratch: every BatchNorm γ starts here (each block's bn3 at 0); "
+    "arch": (str | None, f"Architecture: {', '.join(ARCHS)} or {TORCHVISION}NAME (any torchvision "
+                         "classification CNN); --help of train lists what each prunes."),
+    "gamma_init": (float | None, "From scratch: every BatchNorm γ starts here (the lab's "
+                                 "ResNets: each block's last BN at 0; default: the --arch recipe); "
                           "the network-slimming code uses 0.5."),
     "output": (str | None, "Best checkpoint written here (default depends on the command)."),
     "plot": (str | None, "Curves figure (default plots/<output stem>.png)."),
@@ -59,11 +66,32 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "optimizer": (str, f"Optimizer: {_or(OPTIMIZERS)} (sgd with momentum)."),
     "momentum": (float, "SGD momentum."),
     "weight_decay": (float, "Weight decay (L2)."),
-    "warmup_epochs": (float, "Linear LR warm-up length in epochs (fractions allowed)."),
-    "sparsity": (float, "L1 penalty λ on BatchNorm γ (network slimming uses 1e-4; 0 = off)."),
+    "warmup_epochs": (float | None, "Linear LR warm-up length in epochs (fractions allowed; "
+                                    "train/pipeline default: the --arch recipe)."),
+    "sparsity": (float | None, "L1 penalty λ on BatchNorm γ (network slimming: 1e-4, 1e-5 for "
+                               "ResNet-164/DenseNet-40; 0 = off; pipeline default: the --arch "
+                               "recipe)."),
+    "teacher": (str | None, "Distil from this checkpoint while fine-tuning (usually the unpruned "
+                            "sparse model); same classes (default: no teacher)."),
+    "kd_alpha": (float, "Weight α of the teacher's term: α·T²·KL(teacher‖student) + (1−α)·CE."),
+    "kd_temperature": (float, "Temperature T of the distillation softmax."),
     # pruning
     "ratio": (float | None, "Fraction of channels to prune, in (0, 1)."),
+    "target_params": (str | None, "Instead of --ratio: prune to at most this many params "
+                                  "(4M, 4e6 or 4000000; K/M/G suffixes): the least-pruned "
+                                  "model within it."),
+    "target_macs": (str | None, "Instead of --ratio: prune to at most this many MACs (thop, at "
+                                "--image-size), e.g. 100M."),
+    "round_to": (int, "Every pruned layer keeps a multiple of this many channels (at least "
+                      "that many; GPUs run 37 no faster than 64); 1 = off."),
     "ratios": (str, "Comma-separated prune ratios, each in (0, 1)."),
+    "targets": (str | None, "Instead of --ratios: comma-separated budgets (e.g. 4M,2M) of "
+                            "--target-kind; files are named by the budget (model_prune_4M.pth)."),
+    "target_kind": (str, "What --targets count: params or macs."),
+    "passes": (int, "Reach each ratio/budget in this many prune -> fine-tune rounds (the "
+                    "paper's multi-pass scheme); each round's files are kept."),
+    "kd": (bool, "Every fine-tune distils from the sparse model (--teacher "
+                 "checkpoints/model_sparse.pth)."),
     "scope": (str, (f"γ values that set the threshold: {_or(SCOPES)}. all = every BatchNorm "
                     "(the reference rule), prunable = bn1/bn2 only.")),
     "min_channels": (int, "Fewest channels any pruned layer keeps."),
@@ -89,6 +117,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "cudnn_benchmark": (bool, "cudnn.benchmark autotuning on CUDA."),
     "compile": (bool, ("torch.compile the model (the compile time, spent in the first "
                        "step, gets its own line and is left out of img/s).")),
+    "sync_bn": (bool, "SyncBatchNorm across the processes of a multi-GPU job (small per-GPU "
+                      "batches give noisy BN statistics, and slimming reads γ); needs CUDA."),
     "log_with": (str | None, "Accelerate tracker, e.g. tensorboard (must be installed; "
                              "default: none)."),
     "dist_timeout": (int, "Seconds a collective may wait before the job fails (no hangs)."),
@@ -109,15 +139,68 @@ OPTIONS: dict[str, tuple[Any, str]] = {
 DATA = ["dataset", "data_dir", "download", "image_size", "synthetic_train", "synthetic_test",
         "num_workers", "loader", "limit_batches"]
 DEVICE = ["seed", "cpu", "debug", "mode", "mixed_precision", "tf32", "channels_last",
-          "cudnn_benchmark", "compile", "dist_timeout", "gpus", "gpu_ids", "accelerate_config",
-          "dry_run", "num_machines", "machine_rank", "main_process_ip", "main_process_port"]
+          "cudnn_benchmark", "compile", "sync_bn", "dist_timeout", "gpus", "gpu_ids",
+          "accelerate_config", "dry_run", "num_machines", "machine_rank", "main_process_ip",
+          "main_process_port"]
 OPTIM = ["epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "warmup_epochs",
          "sparsity"]
 RUN = ["output", "plot", "log_with", "resume", "force_resume"]
-PRUNE = ["ratio", "scope", "min_channels", "eval"]
-PIPELINE = ["train_epochs", "finetune_epochs", "sparsity", "ratios", "train_lr", "finetune_lr",
-            "finetune_batch_size", "batch_size", "warmup_epochs", "gamma_init", "workdir",
+PRUNE = ["ratio", "target_params", "target_macs", "round_to", "scope", "min_channels", "eval"]
+KD = ["teacher", "kd_alpha", "kd_temperature"]
+PIPELINE = ["arch", "train_epochs", "finetune_epochs", "sparsity", "ratios", "targets",
+            "target_kind", "passes", "kd", "kd_alpha", "kd_temperature", "round_to", "train_lr",
+            "finetune_lr", "finetune_batch_size", "batch_size", "warmup_epochs", "gamma_init",
+            "workdir",
             "scope", "min_channels", "eval", "log_with", "resume", "force_resume"]
+
+
+# scope prunable: a ratio is the fraction of bn1/bn2 channels removed, whatever the
+# never-pruned bn3 γ look like (zero-initialised, they sit below everything).
+PIPELINE_DEFAULTS: dict[str, Any] = {
+    **ARCH_RECIPE, "sparsity": None, "batch_size": TRAIN_RECIPE["batch_size"],
+    "ratios": "0.5,0.9", "scope": "prunable"}
+
+# `demo` = `pipeline` with these defaults (option -> (default, why)), the one place they are
+# set: sized so that after a short sparse run on 2 CPU cores most bn1/bn2 |γ| sit near zero,
+# apart from the rest, and the 50% / 90% thresholds fall in that gap, not in noise.
+DEMO: dict[str, tuple[Any, str]] = {
+    "dataset": ("synthetic", "built in: no download"),
+    "image_size": (16, "a quarter of the pixels: 2.3x the images/s of 32x32 on a CPU"),
+    "synthetic_train": (1000, "4 epochs of 1,000 images: about a minute of sparse training"),
+    "synthetic_test": (200, "measured after every epoch and prune; 200 keeps that quick"),
+    "train_epochs": (4, "2 epochs at the full LR, where the L1 term moves γ, then ÷10, ÷100"),
+    "batch_size": (16, "the L1 term moves γ per step: 63 steps an epoch, not 16 at 64"),
+    "gamma_init": (0.2, "γ starts near 0, so 250 steps of λ can take the unused ones there"),
+    "sparsity": (2e-3, "20x the paper's 1e-4 (set for 160 epochs); more stops learning"),
+    "finetune_epochs": (2, "one epoch at LR 1e-3, one at 1e-5 to settle BatchNorm statistics"),
+    "num_workers": (0, "the images are in memory; workers would compete for the cores"),
+    "cpu": (True, "one process, batch 16: DDP would split it into tiny BatchNorm batches"),
+    "workdir": ("demo", "every output under ./demo"),
+}
+
+
+def _demo_doc() -> str:
+    """demo's --help text; its list of changed defaults is made from DEMO."""
+    def flag(name: str, value: Any) -> str:
+        opt = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            return opt if value else "--no-" + opt[2:]
+        return f"{opt} {value}"
+
+    rows = "\n".join(f"      {flag(k, v):<26}{why}" for k, (v, why) in DEMO.items())
+    return f"""Network slimming you can see, in about 2 minutes on 2 CPU cores.
+
+    The whole study of `pipeline` (sparse training -> prune at 50% and 90% -> fine-tune each
+    -> comparison figure and report.md) on the built-in synthetic dataset, with defaults
+    sized for a short run: after sparse training most BatchNorm |γ| sit near zero, apart
+    from the rest (plots/model_prune_90_gamma.png), so the thresholds remove channels the
+    network no longer uses. It ends by printing where its checkpoints, figures and report
+    are. Every option can be overridden.
+
+    Defaults that differ from pipeline's:
+
+    \b
+{rows}"""
 
 
 @dataclass(frozen=True)
@@ -140,27 +223,34 @@ class Command:
 COMMANDS: tuple[Command, ...] = (
     Command(
         "train",
-        """Train a ResNet-50 from scratch or --init (with --sparsity: network slimming).
+        f"""Train a model from scratch or --init (with --sparsity: network slimming).
 
-    --sparsity λ adds the L1 penalty on BatchNorm γ (the paper uses 1e-4). Defaults follow the
-    network-slimming CIFAR recipe (SGD momentum 0.9, wd 1e-4, lr 0.1,
-    ÷10 at 50%/75%) plus a 1-epoch linear warm-up, without which this ResNet-50 diverges.
-    Writes checkpoints/model_sparse.pth (λ > 0) or checkpoints/model.pth.""",
-            ("init", "gamma_init", *OPTIM, *RUN, *DATA, *DEVICE), TRAIN_RECIPE),
+    --sparsity λ adds the L1 penalty on BatchNorm γ (the paper: 1e-4, 1e-5 for ResNet-164 and
+    DenseNet-40). Defaults follow the network-slimming CIFAR recipe (SGD momentum 0.9, wd 1e-4,
+    lr 0.1, ÷10 at 50%/75%, 160 epochs, batch 64); --arch picks the rest (the lab's ResNets
+    need a 1-epoch warm-up at lr 0.1):
+
+    \b
+{recipes_text()}
+
+    With --init, the architecture is the file's. Writes checkpoints/model_sparse.pth (λ > 0)
+    or checkpoints/model.pth.""",
+            ("arch", "init", "gamma_init", *OPTIM, *RUN, *DATA, *DEVICE),
+            TRAIN_RECIPE | ARCH_RECIPE),
     Command("prune", """Prune the channels whose BatchNorm |γ| is below one global threshold.
 
     Threshold = the |γ| at position ⌊N·ratio⌋ of all N sorted channels. Writes
     checkpoints/model_prune.pth and plots/<output stem>_gamma.png.""",
-            ("checkpoint", "output", *PRUNE, "batch_size", *DATA, *DEVICE),
+            ("checkpoint", "arch", "output", *PRUNE, "batch_size", *DATA, *DEVICE),
             {"checkpoint": str(CHECKPOINTS / SPARSE), "batch_size": 100}),
     Command("finetune", """Fine-tune a pruned checkpoint with the lab recipe; keep the best epoch.
 
     Adam, lr 1e-3, ÷10 at 50%/75% of the epochs, FP32 forward. Writes the best checkpoint,
     its curves, a metrics CSV and a resume state.""",
-            ("checkpoint", *OPTIM, *RUN, *DATA, *DEVICE),
+            ("checkpoint", "arch", *OPTIM, *KD, *RUN, *DATA, *DEVICE),
             dict(FINETUNE_RECIPE, checkpoint=str(CHECKPOINTS / PRUNED))),
     Command("evaluate", """Test loss and accuracy of a checkpoint on the chosen dataset.""",
-            ("batch_size", "json", *DATA, *DEVICE), {"batch_size": 100},
+            ("arch", "batch_size", "json", *DATA, *DEVICE), {"batch_size": 100},
             positional=("checkpoint",)),
     Command(
         "pipeline",
@@ -168,12 +258,9 @@ COMMANDS: tuple[Command, ...] = (
 
     Outputs under --workdir: checkpoints/, plots/ (curves, γ histograms, comparison) and
     report.md.""",
-            (*PIPELINE, *DATA, *DEVICE),
-            # scope prunable: a ratio is the fraction of bn1/bn2 channels removed, whatever
-            # the never-pruned bn3 γ look like (zero-initialised, they sit below everything).
-            {"sparsity": SPARSITY, "batch_size": TRAIN_RECIPE["batch_size"],
-             "warmup_epochs": TRAIN_RECIPE["warmup_epochs"], "ratios": "0.5,0.9",
-             "scope": "prunable"}),
+            (*PIPELINE, *DATA, *DEVICE), PIPELINE_DEFAULTS),
+    Command("demo", _demo_doc(), (*PIPELINE, *DATA, *DEVICE),
+            {**PIPELINE_DEFAULTS, **{k: v for k, (v, _) in DEMO.items()}}, runs="pipeline"),
 )
 
 # Where one option's meaning depends on the command.
@@ -187,6 +274,12 @@ HELP_BY_COMMAND: dict[tuple[str, str], str] = {
                           f"{PLOTS}/<output stem>.png).",
     ("train", "plot"): f"Curves figure (default {PLOTS}/<output stem>.png).",
     ("evaluate", "checkpoint"): "Checkpoint (.pth) to evaluate.",
+    **{(c, "arch"): "Architecture of an input file that names none, e.g. the network-slimming "
+                    "code's (default: what its keys show, else the lab's resnet50)."
+       for c in ("prune", "finetune", "evaluate")},
+    **{(c, "arch"): f"Architecture to build: {', '.join(ARCHS)} or {TORCHVISION}NAME (any "
+                    f"torchvision classification CNN) (default: {DEFAULT_ARCH}, the lab's)."
+       for c in ("train", "pipeline")},
 }
 
 BY_NAME = {c.name: c for c in COMMANDS}
@@ -206,11 +299,14 @@ def default_of(spec: Command, name: str) -> Any:
     value = spec.defaults.get(name, getattr(RunConfig(), name))
     if name == "ratios" and not isinstance(value, str):
         value = ",".join(f"{r:g}" for r in value)
+    if name == "targets" and not isinstance(value, str):
+        value = ",".join(str(t) for t in value) or None
     return value
 
 
 def config_from_options(command: str, values: dict[str, Any]) -> RunConfig:
-    """RunConfig from parsed option values (``ratios`` arrives as '0.5,0.9')."""
+    """RunConfig from parsed option values (``ratios`` arrives as '0.5,0.9', budgets as
+    '4M')."""
     values = dict(values)
     if isinstance(values.get("ratios"), str):
         try:
@@ -218,4 +314,12 @@ def config_from_options(command: str, values: dict[str, Any]) -> RunConfig:
         except ValueError:
             raise UserError(f"--ratios {values['ratios']!r} is not a comma-separated list of "
                             "numbers; e.g. --ratios 0.5,0.9") from None
+    for key in ("target_params", "target_macs"):
+        if isinstance(values.get(key), str):
+            values[key] = parse_count(values[key], "--" + key.replace("_", "-"))
+    if isinstance(values.get("targets"), str):
+        values["targets"] = tuple(parse_count(t, "--targets")
+                                  for t in values["targets"].split(",") if t.strip())
+    elif values.get("targets") is None and "targets" in values:
+        values["targets"] = ()
     return RunConfig(command=command, **values)

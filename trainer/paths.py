@@ -92,13 +92,29 @@ def written_files(cfg: RunConfig) -> list[tuple[str, Path]]:
 # ---------------------------------------------------------------- pipeline
 
 
-def stage_files(workdir: str | Path, ratio: float) -> tuple[Path, Path]:
-    """(pruned, fine-tuned) checkpoints of one ratio of a pipeline."""
-    ckpts = Path(workdir) / CHECKPOINTS
-    pruned = ckpts / f"model_prune_{ratio_tag(ratio)}.pth"
+def fmt_count(n: float) -> str:
+    """4000000 -> '4M', 2500000 -> '2.5M', 1200000000 -> '1.2G' (for file names and messages;
+    trainer.checks.parse_count reads them back)."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:g}{unit}"
+    return f"{n:g}"
+
+
+def budget_tag(budget: int, kind: str) -> str:
+    """4000000 params -> '4M'; 100000000 MACs -> '100Mmacs' (file-name friendly)."""
+    return fmt_count(budget) + ("" if kind == "params" else kind)
+
+
+def stage_files(workdir: str | Path, tag: str, round_: int = 1,
+                rounds: int = 1) -> tuple[Path, Path]:
+    """(pruned, fine-tuned) checkpoints of one round of a pipeline target: model_prune_90.pth,
+    model_prune_4M.pth; with several rounds model_prune_90_p1.pth, model_prune_90_p2.pth."""
+    suffix = f"_p{round_}" if rounds > 1 else ""
+    pruned = Path(workdir) / CHECKPOINTS / f"model_prune_{tag}{suffix}.pth"
     return pruned, finetuned_name(pruned)
 
 
-def comparison_figure(plots_dir: Path, ratios: list[float]) -> Path:
-    """``comparison_50_vs_90_finetuned.png``: the lab's figure name, for any ratios."""
-    return plots_dir / f"comparison_{'_vs_'.join(ratio_tag(r) for r in ratios)}_finetuned.png"
+def comparison_figure(plots_dir: Path, tags: list[str]) -> Path:
+    """``comparison_50_vs_90_finetuned.png``: the lab's figure name, for any targets."""
+    return plots_dir / f"comparison_{'_vs_'.join(tags)}_finetuned.png"

@@ -17,7 +17,9 @@ from trainer.paths import (
     CHECKPOINTS,
     PLOTS,
     SPARSE,
+    budget_tag,
     comparison_figure,
+    fmt_count,
     gamma_plot_path,
     plot_path,
     ratio_tag,
@@ -29,32 +31,79 @@ from trainer.runtime import loader_kind
 
 
 @dataclass
-class Stages:
-    """Each stage's output and settings: what it runs, and what --resume compares."""
+class Round:
+    """One prune -> fine-tune round: each stage's output and settings (what it runs, and what
+    --resume compares)."""
 
+    number: int
+    pruned: Path
+    prune: RunConfig
+    tuned: Path
+    finetune: RunConfig
+
+
+@dataclass
+class Target:
+    """A ratio or a budget of the study, reached in one or more rounds."""
+
+    tag: str  # in file names: '90' (ratio 0.9), '4M' (a params budget), '100Mmacs'
+    label: str  # in tables: 'ratio 0.9', '4M params'
+    rounds: list[Round]
+
+
+@dataclass
+class Stages:
     sparse: Path
     train: RunConfig
-    ratios: list[tuple[float, Path, RunConfig, Path, RunConfig]]  # ratio, pruned, prune, tuned, ft
+    targets: list[Target]
 
 
-def plan_stages(cfg: RunConfig) -> Stages:
+def plan_stages(cfg: RunConfig, unpruned: dict[str, int] | None = None) -> Stages:
     """The study's stages: the train recipe with the pipeline's epochs, lr, batch, warm-up and
-    λ; then per ratio a prune and the fine-tune recipe with the pipeline's epochs, lr, batch."""
+    λ; then per ratio (or budget of ``cfg.targets``) ``cfg.passes`` rounds of a prune and the
+    fine-tune recipe with the pipeline's epochs, lr, batch. ``unpruned``: the sparse model's
+    params and MACs, which place the budgets of the rounds before the last."""
     sparse = Path(cfg.workdir) / CHECKPOINTS / SPARSE
     train = cfg.replace(command="train", optimizer=TRAIN_RECIPE["optimizer"],
                         weight_decay=TRAIN_RECIPE["weight_decay"], epochs=cfg.train_epochs,
                         lr=cfg.train_lr, output=str(sparse), plot=None, checkpoint=None,
                         init=None)
-    ratios = []
-    for ratio in cfg.ratios:
-        pruned, tuned = stage_files(cfg.workdir, ratio)
-        prune = cfg.replace(command="prune", ratio=ratio, checkpoint=str(sparse),
-                            output=str(pruned), plot=None)
-        ft = cfg.replace(command="finetune", **FINETUNE_RECIPE).replace(
-            checkpoint=str(pruned), output=str(tuned), epochs=cfg.finetune_epochs,
-            lr=cfg.finetune_lr, batch_size=cfg.finetune_batch_size, plot=None)
-        ratios.append((ratio, pruned, prune, tuned, ft))
-    return Stages(sparse, train, ratios)
+    targets = []
+    for tag, label, amounts in _amounts(cfg, unpruned or {}):
+        rounds, src = [], sparse
+        for p, amount in enumerate(amounts, start=1):
+            pruned, tuned = stage_files(cfg.workdir, tag, p, cfg.passes)
+            prune = cfg.replace(command="prune", checkpoint=str(src), output=str(pruned),
+                                plot=None, **{"ratio": None, "target_params": None,
+                                              "target_macs": None, **amount})
+            # a round before the last fine-tunes with λ, so that the next one's |γ| separate
+            ft = cfg.replace(command="finetune", **FINETUNE_RECIPE).replace(
+                checkpoint=str(pruned), output=str(tuned), epochs=cfg.finetune_epochs,
+                lr=cfg.finetune_lr, batch_size=cfg.finetune_batch_size, plot=None,
+                sparsity=cfg.sparsity if p < cfg.passes else 0.0,
+                teacher=str(sparse) if cfg.kd else None)
+            rounds.append(Round(p, pruned, prune, tuned, ft))
+            src = tuned
+        targets.append(Target(tag, label, rounds))
+    return Stages(sparse, train, targets)
+
+
+def _amounts(cfg: RunConfig, unpruned: dict[str, int]):
+    """(tag, label, per round {ratio} or {target_*}) of every ratio or budget. K rounds reach
+    ratio r by removing 1 - (1 - r)^(1/K) of what is left each time, and a budget b by the
+    budgets B·(b/B)^(p/K) (B: the unpruned size), so each round removes a like share."""
+    k = cfg.passes
+    if not cfg.targets:
+        for r in cfg.ratios:
+            step = 1 - (1 - r) ** (1 / k)
+            yield ratio_tag(r), f"ratio {r:g}", [{"ratio": r if k == 1 else step}] * k
+        return
+    kind = cfg.target_kind
+    for b in cfg.targets:
+        full = unpruned.get(kind, b)
+        budgets = [b if p == k else int(full * (b / full) ** (p / k)) for p in range(1, k + 1)]
+        yield (budget_tag(b, kind), f"{fmt_count(b)} {kind}",
+               [{f"target_{kind}": v} for v in budgets])
 
 
 def stage_action(cfg: RunConfig, stage_cfg: RunConfig, output: Path, upstream_ran: bool) -> str:
@@ -84,7 +133,8 @@ def reusable_prune(cfg: RunConfig, prune_cfg: RunConfig, pruned: Path,
     ckpt = load_checkpoint(pruned)
     meta = ckpt.get("prune") or {}
     diffs = resume_mismatch(ckpt.get("config", {}), prune_cfg) + [
-        f"{k}: {meta.get(k)!r} -> {getattr(prune_cfg, k)!r}" for k in ("scope", "min_channels")
+        f"{k}: {meta.get(k)!r} -> {getattr(prune_cfg, k)!r}"
+        for k in ("scope", "min_channels", "round_to")
         if k in meta and meta[k] != getattr(prune_cfg, k)]
     changed = _changed(cfg, pruned, diffs)
     return None if changed else ckpt["prune"]  # forced: pruned again with these settings
@@ -108,7 +158,8 @@ def _drop_stale_state(output: Path) -> None:
 
 
 def run_pipeline(cfg: RunConfig, accelerator) -> list[dict]:
-    """Train with sparsity, prune at ``cfg.ratios``, fine-tune each, compare; returns rows."""
+    """Train with sparsity, prune to each ratio or budget (in ``cfg.passes`` rounds), fine-tune
+    each, compare; returns one row per round."""
     # resolved now, as every stage saves it: --resume compares stages with these settings
     cfg = cfg.replace(loader=loader_kind(cfg, accelerator.device))
     work = Path(cfg.workdir)
@@ -118,34 +169,59 @@ def run_pipeline(cfg: RunConfig, accelerator) -> list[dict]:
     stages = plan_stages(cfg)
     if not cfg.resume:  # before any stage redoes the work of an interrupted study
         for output, stage_cfg in [(stages.sparse, stages.train),
-                                  *[(t, f) for _, _, _, t, f in stages.ratios]]:
+                                  *[(r.tuned, r.finetune) for t in stages.targets
+                                    for r in t.rounds]]:
             keep_interrupted_run(run_paths(output)["last"], stage_cfg)
     _stage(f"1. sparse training ({cfg.train_epochs} epochs, λ={cfg.sparsity:g})")
     action = stage_action(cfg, stages.train, stages.sparse, upstream_ran=False)
     if action != "skip":
         cmd_train(stages.train.replace(resume=action == "resume"), accelerator, plots)
-    trained = action != "skip"
+    if cfg.targets:  # the budgets of the rounds before the last scale from the unpruned size
+        stages = plan_stages(cfg, unpruned_sizes(stages.sparse, cfg.image_size))
     rows = []
-    for ratio, pruned, prune_cfg, tuned, ft_cfg in stages.ratios:
-        _stage(f"2. prune {ratio:g} -> {pruned.name}")
-        meta = reusable_prune(cfg, prune_cfg, pruned, upstream_ran=trained)
-        remade = meta is None
-        if remade:
-            meta = cmd_prune(prune_cfg, accelerator, plots)
-        _stage(f"3. fine-tune {pruned.name} ({cfg.finetune_epochs} epochs)")
-        action = stage_action(cfg, ft_cfg, tuned, upstream_ran=remade)
-        if action == "fresh" and cfg.resume:
-            _drop_stale_state(tuned)
-        if action != "skip":
-            cmd_finetune(ft_cfg.replace(resume=action == "resume"), accelerator, plots)
-        best = load_checkpoint(tuned)
-        rows.append({"ratio": ratio, "checkpoint": str(tuned), "params": meta["params_after"],
-                     "best_acc": best.get("best_acc"), "acc_after_prune": meta.get("acc_after")})
+    for target in stages.targets:
+        remade = action != "skip"
+        for rnd in target.rounds:
+            row, remade = _run_round(cfg, target, rnd, accelerator, plots, remade)
+            rows.append(row)
     dist.barrier()
     if dist.is_main():
         _print_rows(rows)
-        finish_study(cfg, stages.sparse, rows, plots)
+        finish_study(cfg, stages.sparse, [r for r in rows if r["final"]], plots, rows)
     return rows
+
+
+def _run_round(cfg: RunConfig, target: Target, rnd: Round, accelerator, plots: Path,
+               upstream_ran: bool) -> tuple[dict, bool]:
+    """Prune and fine-tune one round (skipping what --resume may reuse); (row, remade)."""
+    of = f" (round {rnd.number} of {cfg.passes})" if cfg.passes > 1 else ""
+    _stage(f"2. prune to {target.label}{of} -> {rnd.pruned.name}")
+    meta = reusable_prune(cfg, rnd.prune, rnd.pruned, upstream_ran=upstream_ran)
+    remade = meta is None
+    if remade:
+        meta = cmd_prune(rnd.prune, accelerator, plots)
+    _stage(f"3. fine-tune {rnd.pruned.name} ({cfg.finetune_epochs} epochs)")
+    action = stage_action(cfg, rnd.finetune, rnd.tuned, upstream_ran=remade)
+    if action == "fresh" and cfg.resume:
+        _drop_stale_state(rnd.tuned)
+    if action != "skip":
+        cmd_finetune(rnd.finetune.replace(resume=action == "resume"), accelerator, plots)
+    best = load_checkpoint(rnd.tuned)
+    row = {"target": target.label, "tag": target.tag, "round": rnd.number,
+           "final": rnd.number == cfg.passes, "ratio": meta["ratio"],
+           "checkpoint": str(rnd.tuned), "pruned": str(rnd.pruned),
+           "params": meta["params_after"], "best_acc": best.get("best_acc"),
+           "acc_after_prune": meta.get("acc_after")}
+    return row, remade or action != "skip"
+
+
+def unpruned_sizes(sparse: Path, input_size: int) -> dict[str, int]:
+    """Params and MACs of the sparse-trained (unpruned) model."""
+    from trainer.checkpoint import build_model
+    from trainer.prune import copy_to_meta, model_size
+
+    shape = copy_to_meta(build_model(load_checkpoint(sparse)))
+    return {kind: model_size(shape, kind, input_size) for kind in ("params", "macs")}
 
 
 def _stage(text: str) -> None:
@@ -156,44 +232,83 @@ def _print_rows(rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="pipeline summary")
-    for col in ("ratio", "params", "best test acc", "acc right after prune"):
+    rounds = any(r["round"] > 1 for r in rows)
+    for col in ("target", *(["round"] if rounds else []), "ratio", "params", "best test acc",
+                "acc right after prune"):
         table.add_column(col, justify="right")
 
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.2f}%"
 
     for r in rows:
-        table.add_row(f"{r['ratio']:g}", f"{r['params']:,}", fmt(r["best_acc"]),
-                      fmt(r["acc_after_prune"]))
+        table.add_row(r["target"], *([str(r["round"])] if rounds else []), f"{r['ratio']:.4g}",
+                      f"{r['params']:,}", fmt(r["best_acc"]), fmt(r["acc_after_prune"]))
     console.print(table)
 
 
-def finish_study(cfg: RunConfig, baseline: Path, rows: list[dict], plots: Path) -> None:
-    """The comparison figure and report.md (the profiling seam of the pipeline)."""
+def finish_study(cfg: RunConfig, baseline: Path, rows: list[dict], plots: Path,
+                 rounds: list[dict] | None = None) -> None:
+    """The comparison figure and report.md (the profiling seam of the pipeline). ``rows``: the
+    last round of each target (compared); ``rounds``: every round (a row each in report.md)."""
     from trainer.plots import plot_comparison
-    from trainer.report import compare_rows, write_report
+    from trainer.report import compare_rows, quick_latency, write_report
 
-    labels = ["original (sparse-trained)"] + [f"pruned {ratio_tag(r['ratio'])}% + fine-tuned"
-                                              for r in rows]
-    figure = comparison_figure(plots, [r["ratio"] for r in rows])
-    table = compare_rows([str(baseline)] + [r["checkpoint"] for r in rows], labels)
-    plot_comparison(table, figure, title=f"{cfg.dataset}: original vs pruned + fine-tuned")
-    say(f"comparison figure: {figure}")
+    rounds = rounds or rows
+    many = cfg.passes > 1
+    labels = ["original (sparse-trained)"] + [f"pruned {_what(r, many)} + fine-tuned"
+                                              for r in rounds]
+    table = compare_rows([str(baseline)] + [r["checkpoint"] for r in rounds], labels,
+                         input_size=cfg.image_size)  # MACs at the size the study ran at
+    final = [table[0]] + [t for t, r in zip(table[1:], rounds) if r["final"]]
+    quick_latency(final, cfg.cpu)  # report.md's latency columns, the figure's speed-up panel
+    figure = comparison_figure(plots, [r["tag"] for r in rows])
+    plot_comparison(final, figure, title=f"{cfg.dataset}: original vs pruned + fine-tuned")
     figures = [("comparison", figure)]
-    for r in rows:
-        pruned, tuned = stage_files(cfg.workdir, r["ratio"])
-        figures.append((f"γ distribution, ratio {r['ratio']:g}", gamma_plot_path(pruned, plots)))
-        figures.append((f"fine-tuning, ratio {r['ratio']:g}",
+    checkpoints, gammas = [baseline], []
+    for r in rounds:
+        pruned, tuned = Path(r["pruned"]), Path(r["checkpoint"])
+        checkpoints += [pruned, tuned]
+        gammas.append(gamma_plot_path(pruned, plots))
+        what = _what(r, many)
+        figures.append((f"γ distribution, {what}", gammas[-1]))
+        figures.append((f"fine-tuning, {what}",
                         plot_path(cfg.replace(command="finetune", plot=None), tuned, plots)))
     study = [{**r, "pruned_acc": r["acc_after_prune"], "macs": t["macs"]}
-             for r, t in zip(rows, table[1:])]  # table[0] is the baseline
-    report = write_report(Path(cfg.workdir), title="slimtune study", rows=table, figures=figures,
-                          pipeline_rows=study,
-                          settings={
-                              "dataset": cfg.dataset, "train epochs": cfg.train_epochs,
-                              "fine-tune epochs": cfg.finetune_epochs, "sparsity": cfg.sparsity,
-                              "ratios": ", ".join(f"{r:g}" for r in cfg.ratios),
-                              "batch size (train / fine-tune)":
-                                  f"{cfg.batch_size} / {cfg.finetune_batch_size}",
-                              "seed": cfg.seed})
-    say(f"report: {report}")
+             for r, t in zip(rounds, table[1:])]  # table[0] is the baseline
+    report = write_report(Path(cfg.workdir), title="slimtune study", rows=final, figures=figures,
+                          pipeline_rows=study, settings=_settings(cfg))
+    say_outputs(checkpoints, plots, gammas, figure, report)
+
+
+def _what(row: dict, many_rounds: bool) -> str:
+    """'ratio 0.9', '4M params', 'ratio 0.9, round 2'."""
+    return row["target"] + (f", round {row['round']}" if many_rounds else "")
+
+
+def _settings(cfg: RunConfig) -> dict:
+    """The study's settings, as report.md lists them."""
+    amounts = (", ".join(fmt_count(t) for t in cfg.targets) + f" {cfg.target_kind}"
+               if cfg.targets else ", ".join(f"{r:g}" for r in cfg.ratios))
+    return {"arch": cfg.arch, "dataset": cfg.dataset, "image size": cfg.image_size,
+            "train epochs": cfg.train_epochs, "fine-tune epochs": cfg.finetune_epochs,
+            "sparsity": cfg.sparsity, "γ init": cfg.gamma_init,
+            ("budgets" if cfg.targets else "ratios"): amounts,
+            "rounds per target": cfg.passes, "round-to": cfg.round_to,
+            "teacher (distillation)": "the sparse model" if cfg.kd else "none",
+            "batch size (train / fine-tune)": f"{cfg.batch_size} / {cfg.finetune_batch_size}",
+            "seed": cfg.seed}
+
+
+def say_outputs(checkpoints: list[Path], plots: Path, gammas: list[Path], figure: Path,
+                report: Path) -> None:
+    """The study's closing lines: where its checkpoints, figures and report are."""
+    from rich.markup import escape
+
+    _stage("outputs")
+    for label, where, note in (
+            ("checkpoints", f"{checkpoints[0].parent}/",
+             f" ({', '.join(c.name for c in checkpoints)})"),
+            ("plots", f"{plots}/", f" (γ histograms: {', '.join(g.name for g in gammas)}; "
+                                   "training curves of each stage)"),
+            ("comparison figure", figure, ""), ("report", report, "")):
+        say(f"{label + ':':<19}{escape(str(where))}{escape(note)}")

@@ -187,7 +187,9 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, 
     """Bars of best test accuracy (%), params (M) and MACs (M), one bar per row.
 
     Each row has ``label``, ``best_acc`` (or None), ``params``, ``macs``; the row with
-    ``baseline=True`` (else the first) is the baseline every bar is compared against.
+    ``baseline=True`` (else the first) is the baseline every bar is compared against. When
+    the rows carry measured latency (``report.add_latency``), a fourth panel sets each
+    model's measured speed-up over the baseline beside its MAC reduction.
     """
     if not rows:
         raise ValueError("no rows to compare")
@@ -196,8 +198,12 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, 
     labels = [str(r["label"]) for r in rows]
     colors = [BASE_COLOR if i == base_i else OTHER_COLORS[i % len(OTHER_COLORS)]
               for i in range(len(rows))]
+    speed = all(r.get("latency") and r.get("mac_speedup") for r in rows)
     width = min(20.0, max(12.0, 2.7 * len(rows)))  # inches; ~0.9 in per bar per panel
-    fig, axes = plt.subplots(1, 3, figsize=(width, 5.0))
+    fig, axes = plt.subplots(1, 4 if speed else 3,
+                             figsize=(width * 4 / 3 if speed else width, 5.0))
+    if speed:
+        _speedup_panel(axes[3], [r for i, r in enumerate(rows) if i != base_i] or [base])
     _acc_panel(axes[0], rows, base, labels, colors)
     for ax, key, name in ((axes[1], "params", "parameters"), (axes[2], "macs", "MACs")):
         values = [float(r[key]) / 1e6 for r in rows]
@@ -209,6 +215,47 @@ def plot_comparison(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, 
         ax.set_title(f"{name} (M)" if key == "params" else "MACs (M), multiply-accumulates")
     fig.suptitle(title, fontsize=13)
     return _save(fig, path)
+
+
+def _speedup_panel(ax: plt.Axes, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Per model, the MAC reduction (baseline MACs / model MACs: the speed-up the count
+    promises) beside the measured speed-up (baseline median / model median) per batch size."""
+    batches = [b["batch"] for b in rows[0]["latency"]["batches"]]
+    series = [("MACs: baseline / model (theory)", [float(r["mac_speedup"]) for r in rows],
+               "0.6", "//")]
+    shades = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
+    for k, b in enumerate(batches):
+        series.append((f"measured, batch {b}",
+                       [float(r["latency"]["batches"][k].get("speedup") or 0.0) for r in rows],
+                       shades[k % len(shades)], None))
+    xs = np.arange(len(rows))
+    step = 0.8 / len(series)
+    top = max(1.0, *(v for _, vals, _, _ in series for v in vals))
+    for k, (name, vals, color, hatch) in enumerate(series):
+        pos = xs - 0.4 + step * (k + 0.5)
+        ax.bar(pos, vals, width=step * 0.95, color=color, hatch=hatch, edgecolor="black",
+               linewidth=0.5, label=name)
+        for x, v in zip(pos, vals):
+            ax.annotate(f"{v:.2f}×", xy=(x, v), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7, rotation=90 if len(series) > 3
+                        else 0)
+    ax.axhline(1.0, color="0.3", ls="--", lw=1, label="baseline speed")
+    low = min(v for _, vals, _, _ in series for v in vals if v > 0) if top > 0 else 1.0
+    if top / max(low, 1e-9) > 20:  # e.g. 84× beside 3×: a log axis keeps both readable
+        ax.set_yscale("log")
+        ax.set_ylim(min(0.5, low / 2), top * 30)  # headroom for the legend
+    else:
+        ax.set_ylim(0, top * 1.6)  # headroom for the legend
+    labels = [str(r["label"]) for r in rows]
+    rotate = len(labels) > 2 or max(len(s) for s in labels) > 12  # as the other panels
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, fontsize=9, rotation=25 if rotate else 0,
+                       ha="right" if rotate else "center")
+    ax.set_ylabel("× faster than the baseline")
+    ax.set_title("measured speed-up vs MAC reduction")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(loc="upper left", fontsize=8)
 
 
 def _acc_panel(ax: plt.Axes, rows: Sequence[Mapping[str, Any]], base: Mapping[str, Any],

@@ -1,4 +1,4 @@
-"""The ``profile`` and ``compare`` commands and the pipeline's one-file markdown report.
+"""The numbers and tables of ``profile``/``compare`` and the pipeline's markdown report.
 
 Numbers: params are exact counts; MACs are multiply-accumulates (what the lab calls
 "FLOPs"); FLOPs = 2 x MACs; accuracies are best test accuracy in %.
@@ -7,19 +7,16 @@ Reductions are positive when the model is smaller than the baseline.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
-from rich.console import Console
 from rich.table import Table
 
 from trainer.errors import UserError
 from trainer.files import atomic_write_text
-from trainer.paths import COMPARE_FIGURE, REPORT
+from trainer.paths import REPORT
 
 # ---------------------------------------------------------------- numbers
 
@@ -65,7 +62,7 @@ def compare_rows(paths: list[str], labels: list[str] | None = None, baseline: st
     rows = []
     for i, (path, label) in enumerate(_order(paths, labels, baseline)):
         info = profile_checkpoint(path, size)
-        rows.append({"label": label, "path": path, "params": info["params"],
+        rows.append({"label": label, "path": path, "arch": info["arch"], "params": info["params"],
                      "macs": info["macs"], "flops": info["flops"], "input_size": size,
                      "best_acc": info.get("best_acc"), "baseline": i == 0})
     base = rows[0]
@@ -74,6 +71,56 @@ def compare_rows(paths: list[str], labels: list[str] | None = None, baseline: st
         row["mac_reduction_pct"] = _reduction(row["macs"], base["macs"])
         both = row["best_acc"] is not None and base["best_acc"] is not None
         row["acc_delta"] = row["best_acc"] - base["best_acc"] if both else None
+    return rows
+
+
+# The pipeline's quick measurement for report.md (a careful one: profile --latency).
+QUICK_LATENCY: dict[str, Any] = {"batches": (1, 32), "warmup": 2, "repeats": 5}
+
+
+def quick_latency(rows: list[dict[str, Any]], cpu: bool = False) -> list[dict[str, Any]]:
+    """``QUICK_LATENCY`` of :func:`compare_rows` rows (on the CPU with ``cpu``, else cuda when
+    available); a study's report must not fail at the end for a timing, so a failure only
+    leaves the rows without latency and says why."""
+    try:
+        return add_latency(rows, device="cpu" if cpu else None, **QUICK_LATENCY)
+    except Exception as exc:  # noqa: BLE001 -- e.g. CUDA out of memory next to a training job
+        from trainer.progress import say
+
+        for row in rows:
+            row.pop("latency", None)
+        say(f"[yellow]note:[/] latency not measured ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else ''})")
+        return rows
+
+
+def add_latency(rows: list[dict[str, Any]], *, device: str | None, batches: Sequence[int],
+                warmup: int = 5, repeats: int = 20, runtime: str = "torch",
+                speedups: bool = True) -> list[dict[str, Any]]:
+    """Measure the latency of each row's checkpoint (``row["path"]``), all in one interleaved
+    measurement (trainer.profiling.measure_latencies), into ``row["latency"]``; ``device``
+    None: cuda when available, else cpu.
+
+    With ``speedups`` (rows of :func:`compare_rows`, baseline first) each batch entry also
+    gets ``speedup`` = baseline median / this model's median (measured), and each row
+    ``mac_speedup`` = baseline MACs / this model's MACs (what the MAC count promises).
+    """
+    from trainer.checkpoint import build_model, load_checkpoint
+    from trainer.profiling import measure_latencies, resolve_device
+
+    size = rows[0].get("input_size", 32) if rows else 32
+    device = resolve_device(device, runtime=runtime)
+    models = {str(i): build_model(load_checkpoint(r["path"])) for i, r in enumerate(rows)}
+    lat = measure_latencies(models, device, size, batches, warmup, repeats, runtime)
+    del models
+    for i, row in enumerate(rows):
+        row["latency"] = lat[str(i)]
+    if speedups and rows:
+        base = rows[0]
+        for row in rows:
+            row["mac_speedup"] = base["macs"] / row["macs"] if row["macs"] else None
+            for mine, theirs in zip(row["latency"]["batches"], base["latency"]["batches"]):
+                mine["speedup"] = theirs["ms_per_batch"] / mine["ms_per_batch"]
     return rows
 
 
@@ -97,6 +144,46 @@ def _delta(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.2f}"
 
 
+def _ms(entry: Mapping[str, Any]) -> str:
+    """A latency entry as 'median (min–max)' in ms."""
+    return f"{entry['ms_per_batch']:.2f} ({entry['ms_min']:.2f}–{entry['ms_max']:.2f})"
+
+
+def _times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
+
+
+def latency_caption(lat: Mapping[str, Any]) -> str:
+    """How a latency was measured, in one line (a table's caption, report.md's note)."""
+    return (f"latency: median (min–max) ms per batch of {lat['repeats']} interleaved rounds "
+            f"after {lat['warmup']} warm-up passes, {lat['runtime']} on {lat['device']} "
+            f"({lat['threads']} CPU thread{'s' if lat['threads'] != 1 else ''}), input "
+            f"3×{lat['input_size']}×{lat['input_size']}")
+
+
+def _latency_headers(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per batch size: ms median (min–max), images/s and, against a baseline, the speed-up
+    (after the MACs speed-up the count promises)."""
+    batches = (rows[0].get("latency") or {}).get("batches", []) if rows else []
+    speedups = bool(rows) and "mac_speedup" in rows[0]
+    out = ["MACs speed-up\n(theory)"] if speedups and batches else []
+    for b in batches:
+        out += [f"b={b['batch']} ms/batch\nmedian (min–max)", f"b={b['batch']}\nimages/s"]
+        out += [f"b={b['batch']} speed-up\n(measured)"] if speedups else []
+    return out
+
+
+def _latency_cells(row: Mapping[str, Any]) -> list[str]:
+    if not row.get("latency"):
+        return []
+    speedups = "mac_speedup" in row
+    cells = [_times(row.get("mac_speedup"))] if speedups else []
+    for b in row["latency"]["batches"]:
+        cells += [_ms(b), f"{b['images_per_s']:,.1f}"]
+        cells += [_times(b.get("speedup"))] if speedups else []
+    return cells
+
+
 def _label(row: Mapping[str, Any]) -> str:
     label = str(row["label"])
     if row.get("baseline") and "baseline" not in label.lower():
@@ -108,14 +195,32 @@ def render_compare_table(rows: Sequence[Mapping[str, Any]]) -> Table:
     """A rich table of :func:`compare_rows` output (baseline row marked)."""
     size = rows[0].get("input_size", 32) if rows else 32
     table = Table(title=f"Checkpoints vs baseline (input 1×3×{size}×{size})")
-    for header in ("label", "params (M)", "params reduction", "MACs (M)", "MACs reduction",
-                   "FLOPs (M) = 2×MACs", "best test acc (%)", "Δ acc (points)"):
-        table.add_column(header, justify="left" if header == "label" else "right",
+    for header in ("label", "arch", "params (M)", "params reduction", "MACs (M)",
+                   "MACs reduction", "FLOPs (M) = 2×MACs", "best test acc (%)", "Δ acc (points)"):
+        table.add_column(header, justify="left" if header in ("label", "arch") else "right",
                          no_wrap=header != "label")
     for r in rows:
-        table.add_row(_label(r), _m(r["params"]), _red(r.get("param_reduction_pct")),
+        table.add_row(_label(r), r.get("arch", ""), _m(r["params"]),
+                      _red(r.get("param_reduction_pct")),
                       _m(r["macs"]), _red(r.get("mac_reduction_pct")), _m(r["flops"]),
                       _pct(r.get("best_acc")), _delta(r.get("acc_delta")))
+    return table
+
+
+def render_latency_table(rows: Sequence[Mapping[str, Any]], name_key: str = "label") -> Table:
+    """A rich table of measured latency (rows with ``latency``; see :func:`add_latency`):
+    per batch size the median (min–max) ms, images/s and, when measured against a
+    baseline, the speed-up beside the MACs speed-up."""
+    table = Table(title="Measured latency")
+    names = [_label(r) if name_key == "label" else str(r[name_key]) for r in rows]
+    table.add_column("label" if name_key == "label" else "checkpoint",
+                     min_width=min(40, max(map(len, names), default=5)))
+    for header in _latency_headers(rows):
+        table.add_column(header, justify="right", no_wrap=True)
+    for name, r in zip(names, rows):
+        table.add_row(name, *_latency_cells(r))
+    if rows and rows[0].get("latency"):
+        table.caption = latency_caption(rows[0]["latency"])
     return table
 
 
@@ -131,9 +236,9 @@ def _md_table(headers: Sequence[str], body: Sequence[Sequence[Any]]) -> list[str
 
 
 def _rows_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    headers = ("label", "params", "params (M)", "params reduction", "MACs (M)", "MACs reduction",
-               "FLOPs (M) = 2×MACs", "best test acc (%)", "Δ acc (points)")
-    body = [[_label(r), f"{r['params']:,}",
+    headers = ("label", "arch", "params", "params (M)", "params reduction", "MACs (M)",
+               "MACs reduction", "FLOPs (M) = 2×MACs", "best test acc (%)", "Δ acc (points)")
+    body = [[_label(r), r.get("arch", ""), f"{r['params']:,}",
              _m(r["params"]), _red(r.get("param_reduction_pct")), _m(r["macs"]),
              _red(r.get("mac_reduction_pct")), _m(r["flops"]), _pct(r.get("best_acc")),
              _delta(r.get("acc_delta"))] for r in rows]
@@ -141,12 +246,18 @@ def _rows_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _pipeline_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Keys per row: ratio, params, and optionally macs, pruned_acc, best_acc."""
-    headers = ("prune ratio", "params (M)", "MACs (M)", "test acc right after pruning (%)",
-               "best test acc after fine-tuning (%)")
-    body = [[r.get("ratio", "n/a"), _m(r.get("params")), _m(r.get("macs")),
-             _pct(r.get("pruned_acc")), _pct(r.get("best_acc"))] for r in rows]
+    """Keys per row: target, round, ratio, params, and optionally macs, pruned_acc, best_acc
+    (one row per prune -> fine-tune round)."""
+    headers = ("target", "round", "prune ratio", "params (M)", "MACs (M)",
+               "test acc right after pruning (%)", "best test acc after fine-tuning (%)")
+    body = [[r.get("target", "n/a"), r.get("round", 1), _ratio(r.get("ratio")),
+             _m(r.get("params")), _m(r.get("macs")), _pct(r.get("pruned_acc")),
+             _pct(r.get("best_acc"))] for r in rows]
     return _md_table(headers, body)
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def write_report(workdir: Path, *, title: str, rows: list[dict],
@@ -168,6 +279,14 @@ def write_report(workdir: Path, *, title: str, rows: list[dict],
                   ("MACs are multiply-accumulates (what the lab and most papers call FLOPs); "
                    "FLOPs = 2 × MACs. Reductions are relative to the baseline row."), ""]
         lines += _rows_markdown(rows) + [""]
+    if rows and rows[0].get("latency"):
+        lines += ["## Measured latency", "",
+                  (f"{latency_caption(rows[0]['latency'])[:1].upper()}"
+                   f"{latency_caption(rows[0]['latency'])[1:]}. Measured speed-up = the "
+                   "baseline's median / the model's; MACs speed-up = the baseline's MACs / the "
+                   "model's (what the count promises)."), ""]
+        lines += _md_table(["label", *[h.replace("\n", " ") for h in _latency_headers(rows)]],
+                           [[_label(r), *_latency_cells(r)] for r in rows]) + [""]
     if pipeline_rows:
         lines += ["## Pipeline", ""] + _pipeline_markdown(pipeline_rows) + [""]
     if figures:
@@ -178,155 +297,3 @@ def write_report(workdir: Path, *, title: str, rows: list[dict],
     path = workdir / REPORT
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
-
-
-# ---------------------------------------------------------------- commands
-
-
-def _console() -> Console:
-    console = Console()
-    # piped or captured output: rich would assume 80 columns and squeeze the tables
-    return console if console.is_terminal else Console(width=160)
-
-
-def _parse_ints(text: str, option: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise UserError(f"{option} must be comma-separated positive integers (e.g. 1,256); "
-                        f"got {text!r}")
-    return values
-
-
-def _latency_for(path: str, size: int, device: str, batches: list[int],
-                 repeats: int) -> dict[str, Any]:
-    from trainer.checkpoint import build_model, load_checkpoint
-    from trainer.profiling import measure_latency
-
-    model = build_model(load_checkpoint(path))
-    return measure_latency(model, device, size, batches=batches, repeats=repeats)
-
-
-def profile_command(
-    checkpoints: Annotated[list[Path], typer.Argument(
-        help="Checkpoint files (.pth) to measure.", show_default=False)],
-    input_size: Annotated[int, typer.Option(
-        "--input-size", show_default=False,
-        help="Input height/width in pixels (default 32, CIFAR).")] = 32,
-    json_out: Annotated[bool, typer.Option(
-        "--json", show_default=False,
-        help="Print one JSON object per checkpoint per line instead of a table "
-             "(default off).")] = False,
-    latency: Annotated[bool, typer.Option(
-        "--latency", show_default=False,
-        help="Also time forward passes, median ms (default off).")] = False,
-    cpu: Annotated[bool, typer.Option(
-        "--cpu", show_default=False,
-        help="Time on CPU even when CUDA is available (default off).")] = False,
-    batch_sizes: Annotated[str, typer.Option(
-        "--batch-sizes", show_default=False,
-        help="Batch sizes timed by --latency (default 1,256).")] = "1,256",
-    repeats: Annotated[int, typer.Option(
-        "--repeats", show_default=False,
-        help="Timed runs per batch size for --latency (default 20).")] = 20,
-) -> None:
-    """Count params, MACs and FLOPs (= 2×MACs) of checkpoints; optionally time them."""
-    import torch
-
-    from trainer.profiling import check_input_size, profile_checkpoint
-
-    size = check_input_size(input_size)
-    batches = _parse_ints(batch_sizes, "--batch-sizes") if latency else []
-    if latency and repeats < 1:
-        raise UserError(f"--repeats must be >= 1; got {repeats}")
-    device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
-    results = []
-    for path in checkpoints:
-        info = profile_checkpoint(path, size)
-        if latency:
-            info["latency"] = _latency_for(str(path), size, device, batches, repeats)
-        results.append(info)
-        if json_out:  # one line per checkpoint as soon as it is measured
-            typer.echo(json.dumps(info))
-    if not json_out:
-        _console().print(_profile_table(results, size))
-
-
-def _profile_table(results: Sequence[Mapping[str, Any]], size: int) -> Table:
-    table = Table(title=f"Model cost at input 1×3×{size}×{size}")
-    table.add_column("checkpoint")
-    for header in ("params", "params (M)", "MACs (M)", "FLOPs (M) = 2×MACs", "best test acc (%)"):
-        table.add_column(header, justify="right", no_wrap=True)
-    lat = results[0].get("latency") if results else None
-    for b in (lat or {}).get("batches", []):
-        table.add_column(f"latency b={b['batch']}\nms/batch (ms/img)", justify="right",
-                         no_wrap=True)
-    for r in results:
-        cells = [r["name"], f"{r['params']:,}", _m(r["params"]), _m(r["macs"]), _m(r["flops"]),
-                 _pct(r.get("best_acc"))]
-        for b in (r.get("latency") or {}).get("batches", []):
-            cells.append(f"{b['ms_per_batch']:.2f} ({b['ms_per_image']:.3f})")
-        table.add_row(*cells)
-    if lat:
-        table.caption = f"latency: median of {lat['repeats']} runs on {lat['device']}"
-    return table
-
-
-def compare_command(
-    checkpoints: Annotated[list[Path], typer.Argument(
-        help="Checkpoint files (.pth) to compare.", show_default=False)],
-    labels: Annotated[str | None, typer.Option(
-        "--labels", show_default=False,
-        help="Comma-separated names, one per checkpoint (default: file names).")] = None,
-    baseline: Annotated[Path | None, typer.Option(
-        "--baseline", show_default=False,
-        help="Checkpoint every other is compared with; added first if not "
-             "among CHECKPOINTS (default: the first checkpoint).")] = None,
-    output: Annotated[Path, typer.Option(
-        "--output", show_default=False,
-        help=f"Where the comparison figure (PNG) goes (default "
-             f"{COMPARE_FIGURE}).")] = COMPARE_FIGURE,
-    input_size: Annotated[int, typer.Option(
-        "--input-size", show_default=False,
-        help="Input height/width in pixels (default 32, CIFAR).")] = 32,
-    json_out: Annotated[bool, typer.Option(
-        "--json", show_default=False,
-        help="Print one JSON object {rows, figure} instead of a table "
-             "(default off).")] = False,
-) -> None:
-    """Compare checkpoints with a baseline: params, MACs, accuracy, and a bar chart."""
-    from trainer.plots import plot_comparison
-
-    for src in [*checkpoints, *([baseline] if baseline else [])]:
-        if output.resolve() == src.resolve():
-            raise UserError(f"--output {output} is one of the checkpoints compared; choose "
-                            "another path for the figure (slimtune never overwrites its source)")
-    if output.is_dir():
-        raise UserError(f"--output {output} is a folder; give the path of a .png file")
-    names = None if labels is None else [s.strip() for s in labels.split(",")]
-    if names is not None and not all(names):
-        raise UserError(f"--labels has an empty name in {labels!r}; give one non-empty label "
-                        "per checkpoint")
-    rows = compare_rows([str(p) for p in checkpoints], names,
-                        None if baseline is None else str(baseline), input_size)
-    size = rows[0]["input_size"]
-    title = f"ResNet-50 checkpoints vs baseline '{rows[0]['label']}' (input 3×{size}×{size})"
-    try:
-        figure = plot_comparison(rows, output, title=title)
-    except OSError as exc:
-        raise UserError(f"cannot write the figure to {output} ({exc.strerror or exc}); "
-                        "choose another --output") from None
-    if json_out:
-        typer.echo(json.dumps({"rows": rows, "figure": str(figure)}))
-        return
-    console = _console()
-    console.print(render_compare_table(rows))
-    console.print(f"figure: {figure}")
-
-
-def register(app: typer.Typer) -> None:
-    """Add the ``profile`` and ``compare`` commands to ``app``."""
-    app.command("profile")(profile_command)
-    app.command("compare")(compare_command)

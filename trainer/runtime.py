@@ -136,8 +136,20 @@ def to_device(model: nn.Module, cfg: RunConfig, accelerator) -> nn.Module:
     return model
 
 
+def prepare_teacher(model: nn.Module, cfg: RunConfig, accelerator) -> nn.Module:
+    """A distillation teacher: on the device, in eval mode, frozen, never wrapped in DDP (it
+    only runs forward, on every rank, in the student's precision)."""
+    model = to_device(model, cfg, accelerator).eval()
+    model.requires_grad_(False)
+    return model
+
+
 def prepare_model(model: nn.Module, cfg: RunConfig, accelerator, optimizer=None):
     """Device, memory format, compile, DDP (via Accelerate) and DP (after prepare)."""
+    if cfg.sync_bn and accelerator.num_processes > 1:
+        # every process's batch in each BatchNorm's statistics (small per-GPU batches give
+        # noisy ones, and slimming reads γ); the keys, and so the checkpoints, stay BatchNorm's
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = to_device(model, cfg, accelerator)
     if cfg.compile:
         model = torch.compile(model)

@@ -8,6 +8,7 @@ turn a stop request into the exit code 128 + signal with a line saying how to re
 from __future__ import annotations
 
 from trainer import dist
+from trainer.archs import with_recipe
 from trainer.checks import check_tracker, validate
 from trainer.commands import cmd_evaluate, cmd_finetune, cmd_prune, cmd_train
 from trainer.config import RunConfig
@@ -23,6 +24,7 @@ COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evalua
 
 def run_worker(cfg: RunConfig) -> int:
     """Run ``cfg.command`` in this process (one rank of a job, or the whole job)."""
+    cfg = with_recipe(cfg)
     validate(cfg)
     if cfg.log_with:
         check_tracker(cfg.log_with)
