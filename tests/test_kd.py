@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import make_small_checkpoint, run_cli
+from tests.fakedata import write_fake_cifar10
+from tests.helpers import FAST, make_small_checkpoint, run_cli
+from tests.test_distributed import check_finetune_output, expected_metrics
 from trainer import engine, runtime
 from trainer.checkpoint import load_checkpoint
 from trainer.config import FINETUNE_RECIPE, RunConfig
@@ -182,3 +184,30 @@ def test_finetune_with_a_teacher_records_it(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     config = load_checkpoint(tmp_path / "ft.pth")["config"]
     assert (config["teacher"], config["kd_alpha"], config["kd_temperature"]) == ("t.pth", 0.5, 4.0)
+
+
+@pytest.mark.slow  # a 1-process and a 2-process fine-tune, ~30-60 s
+def test_a_two_process_fine_tune_with_a_teacher_measures_as_one_process(tmp_path):
+    """The teacher on both gloo ranks, on an odd-sized training set (105 images: one padded
+    sample): each run's test metrics are those of its saved weights over the whole test set
+    (one pass here), and both record the teacher."""
+    data = tmp_path / "data"
+    write_fake_cifar10(data, n_per_batch=21, n_test=31)
+    make_small_checkpoint(tmp_path / "s.pth", seed=2)
+    make_small_checkpoint(tmp_path / "t.pth", seed=3)
+    args = ["finetune", "--checkpoint", "s.pth", "--teacher", "t.pth", "--dataset", "cifar10",
+            "--data-dir", str(data), "--no-download", *FAST, "--epochs", "1"]
+    runs = {"one": [], "two": ["--gpus", "2"]}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        r = run_cli(*args, *extra, "--output", out / "x.pth", "--plot", out / "x.png",
+                    cwd=tmp_path, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    two = check_finetune_output(tmp_path / "two", data, epochs=1,
+                                extra_files={"accelerate_cpu_ddp_2proc.yaml"})
+    one = load_checkpoint(tmp_path / "one" / "x.pth")
+    truth = expected_metrics(tmp_path / "one" / "x.pth", data)
+    assert one["history"]["test_acc"] == [truth["accuracy"]]
+    assert one["history"]["test_loss"][0] == pytest.approx(truth["loss"], rel=1e-5)
+    for ckpt in (one, two):
+        assert ckpt["config"]["teacher"] == "t.pth" and ckpt["config"]["kd_alpha"] == 0.9
