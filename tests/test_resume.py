@@ -117,6 +117,7 @@ def _digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # CLI runs, 5-8 s on 2 busy cores
 def test_resume_refuses_changed_settings_in_one_line(root):
     if not (root / "ref" / "out" / "x.last.pth").exists():
         pytest.skip("needs the uninterrupted run of the single-process test")
@@ -132,6 +133,7 @@ def test_resume_refuses_changed_settings_in_one_line(root):
     assert _digest(root / "ref") == before
 
 
+@pytest.mark.slow  # CLI runs, 5-8 s on 2 busy cores
 def test_force_resume_continues_with_changed_epochs(root):
     if not (root / "single" / "out" / "x.last.pth").exists():
         pytest.skip("needs the resumed run of the single-process test")
@@ -141,6 +143,7 @@ def test_force_resume_continues_with_changed_epochs(root):
     assert ckpt["epoch"] == 4 and ckpt["history"]["epoch"] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # CLI runs, 5-8 s on 2 busy cores
 def test_resume_without_a_resume_state_is_refused(root, tmp_path):
     (root / "fresh").mkdir()
     result = _run(root, "fresh", "--resume")

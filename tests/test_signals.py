@@ -220,6 +220,7 @@ def test_nan_on_one_rank_stops_every_rank_at_the_same_step(folder):
     _assert_epoch_one_kept(folder / "out")
 
 
+@pytest.mark.slow  # CLI runs, 5-8 s on 2 busy cores
 def test_nan_in_one_process_is_one_line_and_writes_nothing(folder):
     result = run_cli(*finetune_args(epochs=1), cwd=folder, env=env(SLIMTUNE_TEST_NAN_RANK="0"),
                      timeout=240)
