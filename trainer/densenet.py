@@ -140,7 +140,7 @@ class DenseNetFamily(Family):
 
     def apply(self, model, masks):
         names = bn_names(model.arch)
-        new = self.build(model.arch, model.num_classes, self.new_widths(model, masks))
+        new = self.rebuild(model, masks)
         ins = {f"{_prefix(n)}conv1" if n != "bn" else "fc": i for i, n in enumerate(names)}
         selects = {f"{_prefix(n)}select": i for i, n in enumerate(names)}
         return transfer(model, new, masks, Slicing.of({}, ins, selects))

@@ -143,7 +143,7 @@ class PreResNetFamily(Family):
 
     def apply(self, model, masks):
         names = bn_names(model.arch)
-        new = self.build(model.arch, model.num_classes, self.new_widths(model, masks))
+        new = self.rebuild(model, masks)
         outs, ins, selects = {}, {}, {"select": len(names) - 1}
         ins["fc"] = len(names) - 1
         for i, name in enumerate(names[:-1]):

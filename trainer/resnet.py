@@ -216,7 +216,7 @@ class ResNetFamily(Family):
         """bn1/bn2 sliced by their masks; each conv by its BN's mask on output channels and by
         the previous mask on input channels; downsample convs, the stem, block outputs and fc
         whole."""
-        new = self.build(model.arch, model.num_classes, self.new_widths(model, masks))
+        new = self.rebuild(model, masks)
         names, outs, ins = bn_names(model.arch), {}, {}
         for i in prunable_indices(model.arch):
             block, bn = names[i].rsplit(".", 1)

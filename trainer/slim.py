@@ -53,10 +53,14 @@ class Family:
         """A new model keeping, per unit, the live channels whose mask is True."""
         raise NotImplementedError
 
+    def rebuild(self, model: nn.Module, masks: Sequence[torch.Tensor]) -> nn.Module:
+        """A fresh model of the widths the masks leave (its weights: see :meth:`apply`)."""
+        return self.build(model.arch, model.num_classes, self.new_widths(model, masks))
+
     def shape(self, model: nn.Module, masks: Sequence[torch.Tensor]) -> nn.Module:
         """The model the masks leave, without weights (on the meta device): for counting."""
         with torch.device("meta"):
-            return self.build(model.arch, model.num_classes, self.new_widths(model, masks))
+            return self.rebuild(model, masks)
 
     def stage(self, arch: str, unit: str) -> str:
         """The stage a unit belongs to, for per-stage summaries (e.g. 'layer2')."""

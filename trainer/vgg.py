@@ -120,7 +120,7 @@ class VGGFamily(Family):
         return [M if v == M else next(counts) for v in model.widths]
 
     def apply(self, model, masks):
-        new = self.build(model.arch, model.num_classes, self.new_widths(model, masks))
+        new = self.rebuild(model, masks)
         outs, ins = {}, {}
         for k, j in enumerate(self._conv_indices(model.arch)):
             outs[f"feature.{j}"] = outs[f"feature.{j + 1}"] = k  # the conv and its BN
