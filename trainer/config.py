@@ -35,7 +35,6 @@ TRAIN_RECIPE: dict[str, Any] = {"epochs": 160, "batch_size": 64, "lr": 0.1, "opt
 FINETUNE_RECIPE: dict[str, Any] = {"epochs": 20, "batch_size": 100, "lr": 1e-3,
                                    "optimizer": "adam", "weight_decay": 0.0,
                                    "warmup_epochs": 0.0, "sparsity": 0.0}
-SPARSITY = 1e-4  # λ of the paper's CIFAR runs; pipeline's default
 
 # Fields that only steer the launcher (how processes start), not what a worker computes.
 LAUNCHER_FIELDS = frozenset({
