@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -52,11 +53,33 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+_server = None
+_server_lock = threading.Lock()  # the bad-input table runs rows from several threads
+
+
 def run_cli(*args: str, cwd: Path, module: str = "launch", timeout: float = 300,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``python -m launch ARGS`` (or another module) in ``cwd``; captures text output."""
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd,
-                          env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+    """``python -m launch ARGS`` (or another module) in ``cwd``; captures text output.
+
+    A run in the CLI's usual environment is a fork of a server that has imported torch and
+    slimtune once (tests/_zygote.py); any other environment (fault injection included) gets a
+    fresh interpreter, as does every run when SLIMTUNE_TEST_NO_FORK=1.
+    """
+    global _server
+    env = env or cli_env()
+    argv = list(map(str, args))
+    if env == cli_env() and os.environ.get("SLIMTUNE_TEST_NO_FORK") != "1":
+        from tests._zygote import Server
+
+        with _server_lock:
+            if _server is None or not _server.serves(env):
+                if _server is not None:
+                    _server.close()
+                _server = Server(env)
+            server = _server
+        return server.run(argv, module, cwd, env, timeout)
+    return subprocess.run([sys.executable, "-m", module, *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 # Options for a fast fine-tune on the fake CIFAR-10 written by tests.fakedata.
