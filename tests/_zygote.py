@@ -155,9 +155,9 @@ def _finish() -> None:
     """What interpreter shutdown does that a test could see: join threads, atexit, flush."""
     import gc
 
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # The interpreter's own step: threading's exit hooks (a ThreadPoolExecutor's workers are
+    # told to stop there, torch.compile's pool among them), then join non-daemon threads.
+    threading._shutdown()
     atexit._run_exitfuncs()
     gc.collect()  # __del__ methods run, as at a real exit
     for stream in (sys.stdout, sys.stderr):
