@@ -4,9 +4,9 @@
     python bench/gpu_bench.py OUT.json --cpu --quick   # tiny CPU smoke run (tests use it)
 
 Needs no network and no files: the data is the built-in CIFAR-shaped synthetic set
-(``trainer.data.build_datasets("synthetic")``), the models are the full-width ResNet-50 and
+(``trainer.data.datasets.build_datasets("synthetic")``), the models are the full-width ResNet-50 and
 the same network pruned at 0.9 after its BatchNorm gammas were drawn from a seeded U(0, 1)
-(see ``trainer.bench``). It measures, all in FP32 with the default fast settings (TF32
+(see ``trainer.measure.bench``). It measures, all in FP32 with the default fast settings (TF32
 convolutions, channels_last, cudnn.benchmark):
 
 1. ``training``: for each batch size, model limit (fwd+bwd+Adam on a device-resident batch),
@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402 -- after the sys.path line
 
-from trainer import bench  # noqa: E402
-from trainer.files import atomic_write_text  # noqa: E402
+from trainer.files.atomic import atomic_write_text  # noqa: E402
+from trainer.measure import bench  # noqa: E402
 
 EPOCH_IMAGES, TEST_IMAGES, RECIPE_BATCH = 50_000, 10_000, 100
 
@@ -117,7 +117,7 @@ def model_figures(res: dict, name: str) -> dict[str, Any]:
 
 def epoch_figures(args, accelerator, model, kind: str, compile_: bool) -> dict[str, Any]:
     """One epoch over EPOCH_IMAGES (first epoch apart), then the test-set evaluation."""
-    from trainer.commands import evaluate_model
+    from trainer.commands.evaluate import evaluate_model
 
     images, test = (16, 16) if args.quick else (EPOCH_IMAGES, TEST_IMAGES)
     batch = 8 if args.quick else RECIPE_BATCH
@@ -188,8 +188,8 @@ def run_ddp(args, n: int, batch: int, timeout: float) -> dict[str, Any]:
 
 def ddp_worker(args) -> None:
     """One torchrun rank: the gpu-loader loop of the pruned model under DDP."""
-    from trainer import dist
-    from trainer.runtime import end_run, make_accelerator
+    from trainer.train import dist
+    from trainer.train.runtime import end_run, make_accelerator
 
     batch = args.batches[0]
     cfg = bench.run_config(options(args, batch), mode="ddp", loader="gpu")
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.__main__ import leave
 
         leave(0)  # as the real worker leaves (no gloo group destroy: it deadlocked on torch 2.4)
-    from trainer.runtime import make_accelerator
+    from trainer.train.runtime import make_accelerator
 
     clock = Clock(args.budget_s)
     accelerator = make_accelerator(bench.run_config(options(args, args.batches[0])))

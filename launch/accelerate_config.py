@@ -23,9 +23,9 @@ from typing import Any
 
 import yaml
 
-from trainer.config import MIXED_PRECISIONS, MODES, RunConfig, worker_fields
+from trainer.config.settings import MIXED_PRECISIONS, MODES, RunConfig, worker_fields
 from trainer.errors import ConfigError
-from trainer.files import atomic_write_text
+from trainer.files.atomic import atomic_write_text
 
 LAUNCH_MODULE = "accelerate.commands.launch"
 
@@ -202,7 +202,7 @@ def _option_value(value: Any) -> str:
     return str(value)
 
 
-def worker_argv(cfg: RunConfig, options: Collection[str] | None = None,
+def worker_argv(run: RunConfig, options: Collection[str] | None = None,
                 positional: Sequence[str] = ()) -> list[str]:
     """``[command, *positional values, --opt, value, ...]`` for ``python -m trainer``.
 
@@ -211,16 +211,16 @@ def worker_argv(cfg: RunConfig, options: Collection[str] | None = None,
     ``options`` limits them to the fields a command accepts (None: every worker field);
     ``positional`` names
     fields the command takes as arguments (e.g. evaluate's checkpoint), in order. The
-    launcher passes ``trainer.options.accepted(command)``.
+    launcher passes ``trainer.config.commands.accepted(command)``.
     """
-    argv = [cfg.command]
-    argv += [_option_value(getattr(cfg, n)) for n in positional if getattr(cfg, n) is not None]
+    argv = [run.command]
+    argv += [_option_value(getattr(run, n)) for n in positional if getattr(run, n) is not None]
     for f in worker_fields():
         if f.name == "command" or f.name in positional:
             continue
         if options is not None and f.name not in options:
             continue
-        value = getattr(cfg, f.name)
+        value = getattr(run, f.name)
         name = f.name.replace("_", "-")
         if value is None or value == ():  # the worker's default (an empty list: none)
             continue

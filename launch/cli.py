@@ -1,8 +1,8 @@
 """``python -m launch`` / ``slimtune``: the user-facing CLI.
 
-The run commands are trainer's (``trainer.options``, built by ``trainer.cli``); here they get
-the launcher as their dispatch, which runs in-process or starts ``accelerate launch -m
-trainer``. Building the app imports no torch, so ``--help``, ``config`` and ``--dry-run``
+The run commands are trainer's (``trainer.config.commands``, built by ``trainer.cli.app``);
+here they get the launcher as their dispatch, which runs in-process or starts ``accelerate
+launch -m trainer``. Building the app imports no torch, so ``--help``, ``config`` and ``--dry-run``
 start at once.
 """
 
@@ -12,14 +12,11 @@ import sys
 
 from launch.configcmd import register as register_config
 from launch.plan import dispatch
-from trainer.cli import build_app, run_app, set_short_help
+from trainer.cli.app import build_app, run_app
 
 
 def make_app():
-    app = build_app(dispatch)
-    register_config(app)
-    set_short_help(app)
-    return app
+    return build_app(dispatch, more=[register_config])
 
 
 def main() -> None:

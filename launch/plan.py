@@ -1,7 +1,7 @@
 """How a run starts: in this process when it needs one process, else as an ``accelerate launch``
 job of ``python -m trainer`` processes with a generated (or the user's) Accelerate config.
 
-``dispatch(cfg)`` is what ``python -m launch <command>`` calls. A job of several processes
+``dispatch(run)`` is what ``python -m launch <command>`` calls. A job of several processes
 (DDP, DataParallel over several GPUs, several machines, or ``--gpu-ids`` other than 0) is
 started as ``python -m accelerate.commands.launch --config_file X -m trainer <command> ...``
 and supervised by ``launch.supervise``. Planning and ``--dry-run`` import no torch.
@@ -34,19 +34,19 @@ from launch.user_config import (
     settings_from_config,
     through_visible_devices,
 )
-from trainer.archs import with_recipe
-from trainer.checks import check_batch_split, check_tracker, validate
-from trainer.config import RunConfig
+from trainer.config.archs import with_recipe
+from trainer.config.checks import check_batch_split, validate
+from trainer.config.commands import accepted
+from trainer.config.paths import CHECKPOINTS, output_path
+from trainer.config.settings import RunConfig
 from trainer.errors import ConfigError
-from trainer.options import accepted
-from trainer.paths import CHECKPOINTS, output_path
 
 
 @dataclass
 class LaunchPlan:
-    """What dispatch does: run ``cfg`` in this process (``config`` None) or launch ``argv``."""
+    """What dispatch does: run ``run`` in this process (``config`` None) or launch ``argv``."""
 
-    cfg: RunConfig
+    run: RunConfig
     config: dict | None = None
     config_path: Path | None = None
     write: bool = False  # True when dispatch generates ``config_path``
@@ -59,26 +59,27 @@ class LaunchPlan:
         return self.config is None
 
 
-def dispatch(cfg: RunConfig) -> int:
-    """Run ``cfg`` in this process or as an ``accelerate launch`` job; return the exit code."""
-    cfg = with_recipe(cfg)  # the workers get the arch's recipe spelled out
-    validate(cfg)  # refuse bad settings before any process starts or file is written
-    plan = plan_launch(cfg)
+def dispatch(run: RunConfig) -> int:
+    """Run ``run`` in this process or as an ``accelerate launch`` job; return the exit code."""
+    run = with_recipe(run)  # the workers get the arch's recipe spelled out
+    validate(run)  # refuse bad settings before any process starts or file is written
+    plan = plan_launch(run)
     if plan.note:
         print(plan.note, file=sys.stderr)
-    if cfg.dry_run:
+    if run.dry_run:
         print(describe(plan))
         return 0
     if plan.in_process:
-        from trainer.worker import run_worker
+        from trainer.commands.worker import run_worker
 
-        return run_worker(plan.cfg)
+        return run_worker(plan.run)
     from launch.supervise import local_ranks, run_job
-    from trainer.commands import preflight
+    from trainer.commands.train import preflight
+    from trainer.train.runtime import check_tracker
 
-    if cfg.log_with:
-        check_tracker(cfg.log_with)
-    preflight(plan.cfg)  # bad input: one line here, not one per rank after torchrun's report
+    if run.log_with:
+        check_tracker(run.log_with)
+    preflight(plan.run)  # bad input: one line here, not one per rank after torchrun's report
     if plan.write:
         try:
             write_config(plan.config, plan.config_path)
@@ -117,76 +118,76 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def plan_launch(cfg: RunConfig, visible_gpus: int | None = None,
+def plan_launch(run: RunConfig, visible_gpus: int | None = None,
                 environ: dict[str, str] | None = None) -> LaunchPlan:
-    """Decide how ``cfg`` runs; ``visible_gpus``/``environ`` default to this machine's."""
+    """Decide how ``run`` runs; ``visible_gpus``/``environ`` default to this machine's."""
     environ = os.environ if environ is None else environ
-    if cfg.debug:
-        return LaunchPlan(cfg)
-    if cfg.accelerate_config:
-        return _user_config_plan(cfg, visible_gpus, environ)
-    ids = parse_gpu_ids(cfg.gpu_ids)
-    gpus = cfg.gpus if cfg.gpus is not None else (len(ids) if ids else None)
+    if run.debug:
+        return LaunchPlan(run)
+    if run.accelerate_config:
+        return _user_config_plan(run, visible_gpus, environ)
+    ids = parse_gpu_ids(run.gpu_ids)
+    gpus = run.gpus if run.gpus is not None else (len(ids) if ids else None)
     visible = 0
-    if not cfg.cpu:
-        visible = count_gpus(cfg.dry_run, environ) if visible_gpus is None else visible_gpus
-        if gpus is None and visible == 0 and cfg.num_machines == 1:
-            return LaunchPlan(cfg.replace(cpu=True), note="note: no CUDA GPU is visible; running "
+    if not run.cpu:
+        visible = count_gpus(run.dry_run, environ) if visible_gpus is None else visible_gpus
+        if gpus is None and visible == 0 and run.num_machines == 1:
+            return LaunchPlan(run.replace(cpu=True), note="note: no CUDA GPU is visible; running "
                               "on the CPU in this process (add --cpu to silence this note)")
         if gpus is None and visible == 0:
             raise ConfigError("no CUDA GPU is visible on this machine; add --cpu to run on "
                               "the CPU")
         gpus = visible if gpus is None else gpus
     config = build_accelerate_config(
-        gpus=gpus if gpus is not None else 1, mode=cfg.mode, gpu_ids=ids,
-        mixed_precision=cfg.mixed_precision, cpu=cfg.cpu, num_machines=cfg.num_machines,
-        machine_rank=cfg.machine_rank, main_process_ip=cfg.main_process_ip,
-        main_process_port=cfg.main_process_port)
-    if not cfg.cpu and not cfg.dry_run:  # --dry-run previews a layout for any machine
+        gpus=gpus if gpus is not None else 1, mode=run.mode, gpu_ids=ids,
+        mixed_precision=run.mixed_precision, cpu=run.cpu, num_machines=run.num_machines,
+        machine_rank=run.machine_rank, main_process_ip=run.main_process_ip,
+        main_process_port=run.main_process_port)
+    if not run.cpu and not run.dry_run:  # --dry-run previews a layout for any machine
         _check_machine(gpus, ids, visible)
     if process_count(config) == 1 and config.get("gpu_ids", "all") in ("all", "0"):
-        return LaunchPlan(cfg)
-    _check_batches(cfg, config)
+        return LaunchPlan(run)
+    _check_batches(run, config)
     if "gpu_ids" in config and config["gpu_ids"] != "all":
         config["gpu_ids"] = through_visible_devices(config["gpu_ids"],
                                                     environ.get("CUDA_VISIBLE_DEVICES"))
-    return _subprocess_plan(cfg, config, default_config_path(cfg, config), True, environ)
+    return _subprocess_plan(run, config, default_config_path(run, config), True, environ)
 
 
-def _user_config_plan(cfg: RunConfig, visible_gpus: int | None,
+def _user_config_plan(run: RunConfig, visible_gpus: int | None,
                       environ: dict[str, str]) -> LaunchPlan:
-    if cfg.gpus is not None or cfg.gpu_ids is not None:
+    if run.gpus is not None or run.gpu_ids is not None:
         raise ConfigError("--accelerate-config already fixes the processes and GPUs; drop "
                           "--gpus/--gpu-ids, or drop --accelerate-config to generate one")
-    path = Path(cfg.accelerate_config)
+    path = Path(run.accelerate_config)
     config = load_user_config(path)
-    if not cfg.cpu and config.get("use_cpu") is not True and not cfg.dry_run:
+    if not run.cpu and config.get("use_cpu") is not True and not run.dry_run:
         visible = count_gpus(False, environ) if visible_gpus is None else visible_gpus
         check_user_machine(config, path, visible, environ.get("CUDA_VISIBLE_DEVICES"))
-    cfg = cfg.replace(**settings_from_config(config))
-    _check_batches(cfg, config)
-    return _subprocess_plan(cfg, config, path, False, environ)
+    run = run.replace(**settings_from_config(config))
+    _check_batches(run, config)
+    return _subprocess_plan(run, config, path, False, environ)
 
 
-def _check_batches(cfg: RunConfig, config: dict) -> None:
+def _check_batches(run: RunConfig, config: dict) -> None:
     """The global batches of the run split evenly over the job's processes."""
     n = process_count(config)
-    check_batch_split(cfg.batch_size, n)
-    if cfg.command == "pipeline":
-        check_batch_split(cfg.finetune_batch_size, n, "--finetune-batch-size")
+    check_batch_split(run.batch_size, n)
+    if run.command == "pipeline":
+        check_batch_split(run.finetune_batch_size, n, "--finetune-batch-size")
 
 
-def _subprocess_plan(cfg: RunConfig, config: dict, path: Path, write: bool,
+def _subprocess_plan(run: RunConfig, config: dict, path: Path, write: bool,
                      environ: dict[str, str]) -> LaunchPlan:
     _require_accelerate()
-    args = worker_argv(cfg, *accepted(cfg.command))
+    args = worker_argv(run, *accepted(run.command))
     argv = build_launch_argv(path, args[0], args[1:],
                              threads=threads_per_process(config, environ))
-    return LaunchPlan(cfg, config=config, config_path=path, write=write, argv=argv,
-                      env=launch_env(config, cfg.cpu))
+    return LaunchPlan(run, config=config, config_path=path, write=write, argv=argv,
+                      env=launch_env(config, run.cpu))
 
 
-def default_config_path(cfg: RunConfig, config: dict) -> Path:
+def default_config_path(run: RunConfig, config: dict) -> Path:
     """Where a generated config goes: next to the run's outputs.
 
     Folder: that of the run's best checkpoint (``--output`` or the command's default, e.g.
@@ -195,9 +196,9 @@ def default_config_path(cfg: RunConfig, config: dict) -> Path:
     dp or single; N = processes (``proc``) or, for dp, GPUs (``gpu``); ``_node<R>`` on several
     machines (their files may share a network folder).
     """
-    out = output_path(cfg)
-    if cfg.command == "pipeline" or out is None:
-        folder = Path(cfg.workdir) / CHECKPOINTS
+    out = output_path(run)
+    if run.command == "pipeline" or out is None:
+        folder = Path(run.workdir) / CHECKPOINTS
     else:
         folder = out.parent
     n = process_count(config)
@@ -257,7 +258,7 @@ def describe(plan: LaunchPlan) -> str:
     """The dry-run text: the exact command (and env), and the Accelerate config YAML."""
     if plan.in_process:
         argv = [sys.executable, "-m", "trainer",
-                *worker_argv(plan.cfg, *accepted(plan.cfg.command))]
+                *worker_argv(plan.run, *accepted(plan.run.command))]
         return f"# runs in this process (one process, no accelerate launch):\n{shlex.join(argv)}"
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(plan.env.items()))
     command = f"{env} {shlex.join(plan.argv)}" if env else shlex.join(plan.argv)

@@ -1,7 +1,7 @@
 """Running a launched job: signals passed on, the stderr relay, and how the ranks ended.
 
 A rank that fails or stops on a signal says so in ``rank<R>.txt`` in the folder named by env
-``SLIMTUNE_FAILURE_DIR`` (``trainer.dist.report_to_launcher``): first line the one-line
+``SLIMTUNE_FAILURE_DIR`` (``trainer.train.dist.report_to_launcher``): first line the one-line
 message, optionally a line ``exit_code=N``; the launcher prints those as its last lines, the
 root cause last.
 """
@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from launch.accelerate_config import process_count
-from trainer.dist import FAILURE_DIR_ENV, is_consequence, is_stop
 from trainer.errors import UserError
+from trainer.train.dist import FAILURE_DIR_ENV, is_consequence, is_stop
 
 STOP_WAIT_S = 120.0  # how long to wait for workers to save and exit after a forwarded signal
 

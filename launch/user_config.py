@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from launch.accelerate_config import parse_gpu_ids, process_count
-from trainer.config import MIXED_PRECISIONS
+from trainer.config.settings import MIXED_PRECISIONS
 from trainer.errors import ConfigError
 
 

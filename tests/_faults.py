@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from tests.helpers import FAST, cli_env, make_small_checkpoint
-from trainer.checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint
+from trainer.files.checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint
 
 
 def write_start_checkpoint(path: Path) -> Path:

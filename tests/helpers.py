@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.checkpoint import make_checkpoint, save_checkpoint
-from trainer.models import batchnorms
-from trainer.resnet import ResNet50, default_widths, prunable_indices
+from trainer.files.checkpoint import make_checkpoint, save_checkpoint
+from trainer.models.family import batchnorms
+from trainer.models.resnet import ResNet50, default_widths, prunable_indices
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,6 +80,13 @@ def run_cli(*args: str, cwd: Path, module: str = "launch", timeout: float = 300,
         return server.run(argv, module, cwd, env, timeout)
     return subprocess.run([sys.executable, "-m", module, *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def cli_text(exc: BaseException) -> str:
+    """An error as the command line prints it (a ParamError's parameters said as flags)."""
+    from trainer.errors import ParamError
+
+    return exc.cli_message() if isinstance(exc, ParamError) else str(exc)
 
 
 # Options for a fast fine-tune on the fake CIFAR-10 written by tests.fakedata.

@@ -1,4 +1,4 @@
-"""Every architecture slimtune slims (trainer.archs / models and the families): the unpruned
+"""Every architecture slimtune slims (trainer.config.archs / models and the families): the unpruned
 counts of the official code, forward at 32x32, and the pruning equivalences the lab model has
 (keep every channel: same outputs; remove channels whose γ and β are zero: same outputs; save
 -> load: same outputs; thop's params = the state_dict's)."""
@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import randomize
-from trainer.checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint
-from trainer.errors import CheckpointError, ConfigError
-from trainer.models import batchnorms, count_params, new_model
-from trainer.prune import apply_masks, prune, units_of
+from tests.helpers import cli_text, randomize
+from trainer.errors import CheckpointError, UserError
+from trainer.files.checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint
+from trainer.models.build import new_model
+from trainer.models.family import batchnorms, count_params
+from trainer.prune.engine import apply_masks, prune, units_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -77,14 +78,16 @@ def _zero_removed(model: nn.Module, masks: list[torch.Tensor]) -> None:
 def removed_bn_channels(model: nn.Module, masks: list[torch.Tensor]):
     """(BatchNorm, its channel indices) for each channel a unit mask removes."""
     if model.arch.startswith("torchvision:"):
-        from trainer.tvmodels import bn_channels
+        from trainer.models.graph import _bn_items, _groups, graph
 
-        for (unit, items), mask in zip(bn_channels(model), masks):
+        dg = graph(model)
+        groups = [(name, list(_bn_items(dg, g))) for name, g in _groups(model, dg)]
+        for (unit, items), mask in zip(groups, masks):
             removed = set(torch.nonzero(~mask).flatten().tolist())
             for bn, idxs, roots in items:
                 yield bn, [i for i, r in zip(idxs, roots) if r in removed]
         return
-    from trainer.slim import live_channels
+    from trainer.models.family import live_channels
 
     modules = dict(model.named_modules())
     for unit, mask in zip(units_of(model), masks):
@@ -116,9 +119,9 @@ def test_a_pruned_model_saves_and_loads_as_itself(arch, tmp_path):
     result = prune(model, 0.5, scope="prunable")
     save_checkpoint(tmp_path / "p.pth", make_checkpoint(result.model, prune={"ratio": 0.5}))
     raw = torch.load(tmp_path / "p.pth", weights_only=True)
-    assert raw["arch"] == arch and raw["cfg"] == result.widths
+    assert raw["arch"] == arch and raw["cfg"] == result.model.widths
     back = build_model(load_checkpoint(tmp_path / "p.pth"))
-    assert count_params(back) == result.params_after < result.params_before
+    assert count_params(back) == result.record.params_after < result.record.params_before
     assert torch.equal(outputs(back), outputs(result.model))
 
 
@@ -159,7 +162,7 @@ def test_vgg_prune_gives_the_cfg_of_the_official_vggprune(tmp_path):
     threshold = torch.sort(gammas).values[int(len(gammas) * 0.7)]
     counts = iter(int((bn.weight.detach().abs() > threshold).sum()) for _, bn in batchnorms(model))
     official = [v if v == "M" else next(counts) for v in model.widths]
-    assert prune(model, 0.7).widths == official
+    assert prune(model, 0.7).model.widths == official
 
 
 def official_resnet164_state(cfg: list[int], classes: int = 10) -> dict[str, torch.Tensor]:
@@ -235,6 +238,6 @@ def test_widths_that_do_not_match_the_weights_name_the_layer(tmp_path):
     ("torchvision:vit_b_16", "has no BatchNorm2d layers"),
 ])
 def test_an_unknown_arch_is_one_line(arch, needle):
-    with pytest.raises(ConfigError, match=needle) as err:
+    with pytest.raises(UserError) as err:
         new_model(arch, 10)
-    assert "\n" not in str(err.value)
+    assert needle in cli_text(err.value) and "\n" not in str(err.value)

@@ -12,9 +12,9 @@ from tests.fakedata import write_fake_cifar10
 from tests.helpers import FAST, run_cli
 from tests.test_archs import official_resnet164_state, official_vgg_state
 from tests.test_distributed import check_finetune_output
-from trainer.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from trainer.models import new_model
-from trainer.prune import prune
+from trainer.files.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from trainer.models.build import new_model
+from trainer.prune.engine import prune
 
 SMALL = ["--dataset", "synthetic", "--cpu", "--synthetic-train", "64", "--synthetic-test", "32",
          "--train-epochs", "1", "--finetune-epochs", "1", "--batch-size", "16",

@@ -26,8 +26,8 @@ import torch
 from tests._faults import env
 from tests.fakedata import truncate_file, write_fake_cifar10, write_imagefolder
 from tests.helpers import FAST, REPO, make_small_checkpoint, run_cli
-from trainer.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from trainer.resnet import default_widths, prunable_indices
+from trainer.files.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from trainer.models.resnet import default_widths, prunable_indices
 
 DATA = ["--dataset", "cifar10", "--data-dir", "data", "--no-download"]
 FINETUNE = ["finetune", "--checkpoint", "start.pth", *DATA, "--epochs", "1",
@@ -85,7 +85,7 @@ def _other_arch(d: Path) -> None:
 
 def _gammas_that_empty_a_layer(d: Path) -> None:
     """All BN γ in [0.5, 1.5] except layer1.0.bn1 (1e-3): a small ratio's threshold empties it."""
-    from trainer.checkpoint import build_model
+    from trainer.files.checkpoint import build_model
 
     model = build_model(load_checkpoint(d / "start.pth"))
     gen = torch.Generator().manual_seed(0)
@@ -175,7 +175,7 @@ def _no_onnxruntime(d: Path) -> None:
 
 
 def _safetensors_with(d: Path, **changes) -> None:
-    from trainer.safetensors_io import save_safetensors
+    from trainer.files.safetensors_io import save_safetensors
 
     save_safetensors(d / "bad.safetensors", {**load_checkpoint(d / "start.pth"), **changes})
 
@@ -183,7 +183,7 @@ def _safetensors_with(d: Path, **changes) -> None:
 def _safetensors_wrong_widths(d: Path) -> None:
     cfg = load_checkpoint(d / "start.pth")["cfg"]
     cfg[prunable_indices()[0]] += 4  # the weights still have 4 channels
-    _safetensors_with(d, cfg=cfg)
+    _safetensors_with(d, run=cfg)
 
 
 def _seven_class_teacher(d: Path) -> None:

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tests.helpers import REPO, cli_env, make_small_checkpoint, run_cli
-from trainer import bench
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, ParamError
+from trainer.measure import bench
 
 
 def _ratio_ok(x: float) -> bool:
@@ -96,7 +96,7 @@ def test_bench_checkpoint_models(tmp_path: Path) -> None:
     assert info["pruned_params"] < info["unpruned_params"]
     with pytest.raises(ConfigError, match="not both"):
         bench.bench_models(checkpoint=str(ckpt), ratio=0.5)
-    with pytest.raises(ConfigError, match="--ratio"):
+    with pytest.raises(ParamError, match=r"^ratio 1.5 is outside \(0, 1\)"):
         bench.bench_models(ratio=1.5)
 
 

@@ -1,17 +1,18 @@
-"""Pruning to a budget and to hardware-friendly widths (trainer.prune): the budget search returns
-the least-pruned model within the budget, as a brute-force scan over every threshold finds it;
---round-to K leaves multiples of K; the counts parse as people write them."""
+"""Pruning to a budget and to hardware-friendly widths (trainer.prune.engine): the budget
+search returns the least-pruned model within the budget, as a brute-force scan over every
+threshold finds it; --round-to K leaves multiples of K; the counts parse as people write them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from trainer.checks import parse_count
-from trainer.errors import ConfigError
-from trainer.models import batchnorms, count_params, family, new_model
-from trainer.paths import fmt_count
-from trainer.prune import _in_scope, masks_of, model_size, prune, prune_to_budget, units_of
+from trainer.config.checks import parse_count
+from trainer.config.paths import fmt_count
+from trainer.errors import ParamError
+from trainer.models.build import family, new_model
+from trainer.models.family import batchnorms, count_params
+from trainer.prune.engine import _in_scope, masks_of, model_size, prune, prune_to_budget, units_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -53,13 +54,13 @@ def test_the_budget_search_finds_what_a_brute_force_scan_finds(kind, fraction, f
     target = int(model_size(model, kind) * fraction)
     result = prune_to_budget(model, target, kind, **floors)
     want = brute_force(model, target, kind, **floors)
-    assert result.widths == want.widths
-    assert result.budget["reached"] == model_size(want, kind) <= target
-    assert result.budget["reached"] == model_size(result.model, kind)
-    assert result.budget["before"] == model_size(model, kind) > target
+    assert result.model.widths == want.widths
+    assert result.record.budget["reached"] == model_size(want, kind) <= target
+    assert result.record.budget["reached"] == model_size(result.model, kind)
+    assert result.record.budget["before"] == model_size(model, kind) > target
     # the next-smaller threshold's model would exceed the budget: nothing less pruned fits
     ranked = torch.sort(_in_scope(units_of(model), floors.get("scope", "all"))).values
-    below = ranked[ranked < result.threshold]
+    below = ranked[ranked < result.record.threshold]
     if len(below):
         position = int(torch.searchsorted(ranked, below[-1]))
         looser = prune(model, (position + 0.5) / len(ranked), **floors)
@@ -68,10 +69,10 @@ def test_the_budget_search_finds_what_a_brute_force_scan_finds(kind, fraction, f
 
 def test_a_budget_that_cannot_be_met_or_is_already_met_is_one_line():
     model = small_resnet18()
-    with pytest.raises(ConfigError, match=r"--target-params 1K cannot be met: with every "
-                                          r"prunable layer at its floor"):
+    with pytest.raises(ParamError, match=r"^target_params 1K cannot be met: with every "
+                                         r"prunable layer at its floor \(min_channels 1"):
         prune_to_budget(model, 1000, "params")
-    with pytest.raises(ConfigError, match="already has .* params; nothing to prune"):
+    with pytest.raises(ParamError, match="already has .* params; nothing to prune"):
         prune_to_budget(model, count_params(model) + 1, "params")
 
 
@@ -89,18 +90,18 @@ def test_round_to_leaves_multiples_of_k_in_every_pruned_layer(arch):
             assert kept == len(unit.gamma) or (kept % 8 == 0 and kept >= 8), (unit.name, kept)
             # the kept channels are the largest |γ|
             assert unit.gamma[mask].min() >= unit.gamma[~mask].max() if (~mask).any() else True
-    assert result.params_after >= prune(model, 0.7).params_after
+    assert result.record.params_after >= prune(model, 0.7).record.params_after
 
 
 @pytest.mark.parametrize("text, value", [("4M", 4_000_000), ("4e6", 4_000_000),
                                          ("4000000", 4_000_000), ("2.5M", 2_500_000),
                                          ("1.2G", 1_200_000_000), ("700k", 700_000)])
 def test_counts_parse_as_written(text, value):
-    assert parse_count(text, "--target-params") == value
-    assert parse_count(fmt_count(value), "--target-params") == value
+    assert parse_count(text, "target_params") == value
+    assert parse_count(fmt_count(value), "target_params") == value
 
 
 @pytest.mark.parametrize("text", ["4X", "-1M", "0", "abc", ""])
 def test_a_bad_count_is_one_line(text):
-    with pytest.raises(ConfigError, match="is not a positive count; write e.g. 4M"):
-        parse_count(text, "--target-params")
+    with pytest.raises(ParamError, match="^target_params .* is not a positive count; write"):
+        parse_count(text, "target_params")

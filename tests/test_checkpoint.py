@@ -1,4 +1,4 @@
-"""Checkpoints (trainer.checkpoint) and ``info``: safe loading, lab files, atomic saves."""
+"""Checkpoints (trainer.files.checkpoint) and ``info``: safe loading, lab files, atomic saves."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from torch import nn
 
 from tests.fakedata import truncate_file
 from tests.helpers import make_small_checkpoint, run_cli, small_cfg
-from trainer.checkpoint import (
+from trainer.cli.app import build_app, run_app
+from trainer.commands.info import describe
+from trainer.errors import CheckpointError
+from trainer.files.checkpoint import (
     FORMAT_VERSION,
     atomic_torch_save,
     build_model,
@@ -23,11 +26,8 @@ from trainer.checkpoint import (
     save_checkpoint,
     summarize_history,
 )
-from trainer.cli import build_app, run_app
-from trainer.errors import CheckpointError
-from trainer.info import describe
-from trainer.models import count_params
-from trainer.resnet import ResNet50, bn_names, default_widths, prunable_indices
+from trainer.models.family import count_params
+from trainer.models.resnet import ResNet50, bn_names, default_widths, prunable_indices
 
 HISTORY = {"epoch": [1, 2, 3], "lr": [1e-3, 1e-3, 1e-4], "train_loss": [2.0, 1.5, 1.2],
            "train_acc": [20.0, 40.0, 55.5], "test_loss": [2.1, 1.6, 1.7],

@@ -1,5 +1,6 @@
-"""Datasets and loaders (trainer.data, trainer.synthetic): real torchvision loading of fake
-CIFAR files, one-line DataErrors, synthetic data, image folders, determinism and DDP shards."""
+"""Datasets and loaders (trainer.data.datasets, trainer.data.synthetic): real torchvision
+loading of fake CIFAR files, one-line DataErrors, synthetic data, image folders, determinism
+and DDP shards."""
 
 from __future__ import annotations
 
@@ -22,11 +23,17 @@ from tests.fakedata import (
     write_fake_cifar100,
     write_imagefolder,
 )
-from trainer import synthetic
-from trainer.data import ArrayDataset, Datasets, build_datasets, eval_transform, train_transform
+from trainer.data import synthetic
+from trainer.data.datasets import (
+    ArrayDataset,
+    Datasets,
+    build_datasets,
+    eval_transform,
+    train_transform,
+)
+from trainer.data.gpu_loader import GPUTrainLoader
+from trainer.data.loaders import TorchTrainLoader, make_test_loader, make_train_loader
 from trainer.errors import DataError
-from trainer.gpu_loader import GPUTrainLoader
-from trainer.loaders import TorchTrainLoader, make_test_loader, make_train_loader
 
 
 def _one_line(exc_info) -> str:

@@ -1,5 +1,5 @@
 """``python -m launch demo``: the pipeline with its own defaults (set once, in
-``trainer.options.DEMO``), shown by ``--help``, and a run that says where its files are."""
+``trainer.config.commands.DEMO``), shown by ``--help``, and a run that says where its files are."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import run_cli
-from trainer.options import BY_NAME, DEMO, default_of
+from trainer.config.commands import BY_NAME, DEMO, default_of
 
 DEMO_SPEC, PIPELINE_SPEC = BY_NAME["demo"], BY_NAME["pipeline"]
 

@@ -30,13 +30,13 @@ from launch.accelerate_config import build_accelerate_config
 from launch.plan import free_port
 from tests.fakedata import truncate_file, write_fake_cifar10
 from tests.helpers import FAST, REPO, cli_env, communicate_all, make_small_checkpoint, run_cli
-from trainer.checkpoint import (
+from trainer.config.settings import RunConfig
+from trainer.files.checkpoint import (
     build_model,
     load_checkpoint,
     make_checkpoint,
     safe_torch_load,
 )
-from trainer.config import RunConfig
 
 CPU_DDP_YAML = REPO / "configs" / "accelerate" / "cpu_ddp_2proc.yaml"
 N_TEST = 31  # odd: 2 ranks cannot split it evenly, so Accelerate pads the last batch
@@ -152,7 +152,7 @@ def test_worker_runs_under_accelerate_launch_and_torchrun(inputs, tmp_path, star
 
 def expected_metrics(ckpt: Path, data_dir: Path) -> dict:
     """Loss/accuracy over the whole test set, computed here in one plain forward pass."""
-    from trainer.data import build_datasets
+    from trainer.data.datasets import build_datasets
 
     model = build_model(load_checkpoint(ckpt)).eval()
     test = build_datasets("cifar10", str(data_dir), download=False).test
@@ -236,9 +236,9 @@ def _checksum(model: nn.Module) -> float:
 
 def gloo_rank_main() -> dict:
     """One rank of test_train_metrics_average_all_ranks (started by it in a subprocess)."""
-    from trainer.engine import make_optimizer, train_one_epoch
-    from trainer.models import unwrap_model
-    from trainer.runtime import end_run, make_accelerator, prepare_model
+    from trainer.models.family import unwrap_model
+    from trainer.train.loop import make_optimizer, train_one_epoch
+    from trainer.train.runtime import end_run, make_accelerator, prepare_model
 
     cfg = RunConfig(cpu=True, optimizer="sgd", lr=0.1, momentum=0.0, epochs=1, dist_timeout=60)
     accelerator = make_accelerator(cfg)
@@ -248,7 +248,7 @@ def gloo_rank_main() -> dict:
     optimizer = make_optimizer(model, cfg)
     model, optimizer = prepare_model(model, cfg, accelerator, optimizer)
     metrics = train_one_epoch(model, [_rank_batch(accelerator.process_index)], optimizer,
-                              accelerator=accelerator, cfg=cfg, epoch=0)
+                              accelerator=accelerator, run=cfg, epoch=0)
     record = {"rank": accelerator.process_index, "world": accelerator.num_processes,
               "ddp": type(model).__name__, "initial": initial,
               "final": _checksum(unwrap_model(model)), **metrics}
@@ -299,8 +299,8 @@ def test_train_metrics_average_all_ranks_samples_and_replicas_stay_equal(tmp_pat
 
 def test_torch_loader_augments_each_rank_differently():
     """Identical images at every index, so only augmentation can differ between ranks."""
-    from trainer.data import ArrayDataset, Datasets, eval_transform, train_transform
-    from trainer.loaders import make_train_loader
+    from trainer.data.datasets import ArrayDataset, Datasets, eval_transform, train_transform
+    from trainer.data.loaders import make_train_loader
 
     images = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8).repeat(16, 1, 1, 1)
     images, labels = images.numpy(), torch.zeros(16, dtype=torch.int64).numpy()
@@ -367,7 +367,7 @@ def test_bad_input_of_a_two_process_job_is_one_line(inputs, tmp_path):
 def test_preflight_refuses_what_every_rank_would(inputs, tmp_path):
     """The launcher's pre-flight: the ranks' own checks, made once, reading no dataset file."""
     from tests.fakedata import write_imagefolder
-    from trainer.commands import preflight
+    from trainer.commands.train import preflight
     from trainer.errors import UserError
 
     write_imagefolder(tmp_path / "images", classes=3, per_class=2)
@@ -490,7 +490,7 @@ class _Model(nn.Module):
 
 
 def test_dp_wraps_after_prepare_so_saved_keys_have_no_prefix(monkeypatch, tmp_path):
-    from trainer.runtime import prepare_model
+    from trainer.train.runtime import prepare_model
 
     seen = []
 

@@ -1,6 +1,6 @@
 """``export``: ONNX / TorchScript / safetensors files that compute what the model does, and
-.safetensors checkpoints that load everywhere a .pth does (trainer.export,
-trainer.safetensors_io)."""
+.safetensors checkpoints that load everywhere a .pth does (trainer.files.export,
+trainer.files.safetensors_io)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,15 @@ import torch
 
 from tests.fakedata import write_fake_cifar10
 from tests.helpers import FAST, make_small_checkpoint, run_cli
-from trainer import export as ex
-from trainer.bench import random_gamma_model
-from trainer.checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint
+from trainer.config import exports
+from trainer.config.exports import resolve_output
 from trainer.errors import CheckpointError, UserError
-from trainer.export import export_checkpoint, resolve_output
-from trainer.prune import prune
-from trainer.safetensors_io import is_safetensors, load_safetensors, save_safetensors
+from trainer.files import export as ex
+from trainer.files.checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint
+from trainer.files.export import export_checkpoint
+from trainer.files.safetensors_io import is_safetensors, load_safetensors, save_safetensors
+from trainer.measure.bench import random_gamma_model
+from trainer.prune.engine import prune
 
 HISTORY = {"epoch": [1, 2], "lr": [0.1, 0.01], "train_loss": [2.0, 1.5],
            "train_acc": [30.0, 45.0], "test_loss": [2.1, 1.7], "test_acc": [28.0, 41.5]}
@@ -66,11 +68,11 @@ def assert_exported(src: Path, fmt: str, out: Path, batch: int | None = None) ->
     (at another batch size than the check's when the batch is dynamic)."""
     info = export_checkpoint(src, fmt, out, batch=batch)
     assert info["output"] == str(out) and out.is_file()
-    assert info["max_abs_diff"] <= ex.TOLERANCE
+    assert info["max_abs_diff"] <= exports.TOLERANCE
     n = batch or 3
     x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     got = run_file(fmt, out, x)
-    assert (got - outputs(src, x)).abs().max().item() <= ex.TOLERANCE
+    assert (got - outputs(src, x)).abs().max().item() <= exports.TOLERANCE
     assert not list(out.parent.glob(".*.tmp"))  # no temp file left
 
 
@@ -161,9 +163,9 @@ def test_a_damaged_safetensors_file_is_one_line(tmp_path):
 
 def test_output_paths(tmp_path):
     src = tmp_path / "model.pth"
-    assert ex.default_output(src, "onnx") == tmp_path / "model.onnx"
-    assert ex.default_output(src, "torchscript") == tmp_path / "model.torchscript.pt"
-    assert ex.default_output(src, "safetensors") == tmp_path / "model.safetensors"
+    assert exports.default_output(src, "onnx") == tmp_path / "model.onnx"
+    assert exports.default_output(src, "torchscript") == tmp_path / "model.torchscript.pt"
+    assert exports.default_output(src, "safetensors") == tmp_path / "model.safetensors"
     with pytest.raises(UserError, match="is the input checkpoint"):
         resolve_output(tmp_path / "m.safetensors", "safetensors", None)
     with pytest.raises(UserError, match="--output .* is the input checkpoint"):
@@ -171,7 +173,7 @@ def test_output_paths(tmp_path):
     with pytest.raises(UserError, match="is a folder"):
         resolve_output(src, "onnx", tmp_path)
     with pytest.raises(UserError, match="--format 'pdf': use onnx, torchscript or safetensors"):
-        ex.check_format("pdf")
+        exports.check_format("pdf")
 
 
 def test_bad_opset_and_input_size_are_one_line(tmp_path):
@@ -209,7 +211,7 @@ def test_a_pruned_vgg_exports_and_matches(tmp_path, fmt):
     if fmt == "onnx":
         needs_onnx()
     src = pruned_checkpoint(tmp_path / "vgg.pth", "vgg11", 0.95)
-    assert_exported(src, fmt, tmp_path / f"vgg{ex.SUFFIXES[fmt]}")
+    assert_exported(src, fmt, tmp_path / f"vgg{exports.SUFFIXES[fmt]}")
 
 
 def test_a_fixed_batch_onnx_file(tmp_path):
@@ -234,7 +236,7 @@ def test_lab_resnet50_exports(tmp_path, fmt, ratio):
     if fmt == "onnx":
         needs_onnx()
     src = pruned_checkpoint(tmp_path / "r50.pth", "resnet50", ratio)
-    assert_exported(src, fmt, tmp_path / f"r50{ex.SUFFIXES[fmt]}")
+    assert_exported(src, fmt, tmp_path / f"r50{exports.SUFFIXES[fmt]}")
 
 
 @pytest.mark.slow
@@ -249,7 +251,7 @@ def test_other_arches_export(tmp_path, fmt, arch, ratio):
     if fmt == "onnx":
         needs_onnx()
     src = pruned_checkpoint(tmp_path / "m.pth", arch, ratio)
-    assert_exported(src, fmt, tmp_path / f"m{ex.SUFFIXES[fmt]}")
+    assert_exported(src, fmt, tmp_path / f"m{exports.SUFFIXES[fmt]}")
 
 
 @pytest.mark.slow
@@ -289,7 +291,7 @@ def pth_metrics(cifar_folder) -> dict:
 @pytest.mark.slow
 def test_onnx_on_the_test_set_counts_what_evaluate_counts(cifar_folder, pth_metrics):
     needs_onnx()
-    from trainer.data import build_datasets
+    from trainer.data.datasets import build_datasets
 
     r = run_cli("export", "small.pth", "--format", "onnx", cwd=cifar_folder)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Atomic writes (trainer.files): whole files with the user's usual mode, or nothing."""
+"""Atomic writes (trainer.files.atomic): whole files with the user's usual mode, or nothing."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import os
 import pytest
 
 from launch.accelerate_config import write_config
-from trainer.checkpoint import atomic_torch_save
-from trainer.files import atomic_path, atomic_write_text
-from trainer.plots import plot_curves
+from trainer.files.atomic import atomic_path, atomic_write_text
+from trainer.files.checkpoint import atomic_torch_save
+from trainer.measure.plots import plot_curves
 
 
 def test_every_kind_of_output_gets_the_usual_file_mode(tmp_path):

@@ -17,7 +17,7 @@ import torch
 
 from tests._faults import env
 from tests.helpers import make_small_checkpoint, run_cli
-from trainer.checkpoint import load_checkpoint, safe_torch_load
+from trainer.files.checkpoint import load_checkpoint, safe_torch_load
 
 ON_CPU = os.environ.get("SLIMTUNE_GPU_TESTS_ON_CPU") == "1"
 DEVICE = ["--cpu"] if ON_CPU else []

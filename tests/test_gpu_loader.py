@@ -1,4 +1,4 @@
-"""The device-resident loaders (trainer.gpu_loader), run on CPU tensors: shapes, label
+"""The device-resident loaders (trainer.data.gpu_loader), run on CPU tensors: shapes, label
 alignment, exact crop/flip semantics, augmentation statistics against torchvision, sharding."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision import transforms as T
 
-from trainer.gpu_loader import (
+from trainer.data.gpu_loader import (
     GPUTestLoader,
     GPUTrainLoader,
     derive_seed,

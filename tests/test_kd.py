@@ -1,4 +1,4 @@
-"""Distillation while fine-tuning (trainer.engine.kd_loss, finetune --teacher) and the two loose
+"""Distillation while fine-tuning (trainer.train.loop.kd_loss, finetune --teacher) and the two loose
 ends of the loop: fp16's loss scaler in the resume state, and DDP padding left out of the
 training metrics."""
 
@@ -15,14 +15,15 @@ import torch.nn.functional as F
 from tests.fakedata import write_fake_cifar10
 from tests.helpers import FAST, make_small_checkpoint, run_cli
 from tests.test_distributed import check_finetune_output, expected_metrics
-from trainer import engine, runtime
-from trainer.checkpoint import load_checkpoint
-from trainer.config import FINETUNE_RECIPE, RunConfig
+from trainer.config.settings import FINETUNE_RECIPE, RunConfig
+from trainer.data.gpu_loader import real_samples
 from trainer.errors import StopRequested
-from trainer.fit import fit
-from trainer.gpu_loader import real_samples
-from trainer.resnet import ResNet50
-from trainer.safeload import safe_torch_load
+from trainer.files.checkpoint import load_checkpoint
+from trainer.files.safeload import safe_torch_load
+from trainer.models.resnet import ResNet50
+from trainer.train import loop as engine
+from trainer.train import runtime
+from trainer.train.fit import fit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -62,7 +63,7 @@ def test_a_teacher_changes_the_steps_and_alpha_zero_does_not(tmp_path):
         cfg = _cfg(kd_alpha=alpha)
         acc = runtime.make_accelerator(cfg)
         opt = acc.prepare_optimizer(engine.make_optimizer(model, cfg))
-        engine.train_one_epoch(model, batch, opt, accelerator=acc, cfg=cfg, epoch=0,
+        engine.train_one_epoch(model, batch, opt, accelerator=acc, run=cfg, epoch=0,
                                teacher=teacher if with_teacher else None)
         return model
 
@@ -85,8 +86,8 @@ def test_a_ranks_real_samples_leave_out_the_shard_padding(n, world, expected):
 def test_the_real_samples_of_all_ranks_are_the_dataset_once(kind):
     """Both loaders pad a rank's shard at its end: the first real_samples of every rank
     together are each sample exactly once (5 images, 2 ranks: 3 + 2, one padded)."""
-    from trainer.data import build_datasets
-    from trainer.loaders import make_train_loader
+    from trainer.data.datasets import build_datasets
+    from trainer.data.loaders import make_train_loader
 
     data = build_datasets("synthetic", "", synthetic_train=5, synthetic_test=2)
     seen = []
@@ -113,7 +114,7 @@ def test_padding_is_trained_on_but_not_counted():
 
     x, y = torch.randn(6, 3, 32, 32), torch.arange(6) % 10
     batches = Shard([(x[:3], y[:3]), (x[3:], y[3:])])
-    m = engine.train_one_epoch(model, batches, opt, accelerator=acc, cfg=cfg, epoch=0)
+    m = engine.train_one_epoch(model, batches, opt, accelerator=acc, run=cfg, epoch=0)
     assert m["train_samples"] == 5
 
 
@@ -145,9 +146,9 @@ def test_a_resumed_fp16_run_ends_as_an_uninterrupted_one(tmp_path):
         train = _stop_in_epoch_two(train) if epochs_stop else train
         opt = acc.prepare_optimizer(engine.make_optimizer(model, cfg))
         try:
-            return fit(model, opt, accelerator=acc, cfg=cfg, train_loader=train,
+            return fit(model, opt, accelerator=acc, run=cfg, train_loader=train,
                        test_loader=runtime.evaluation_loader(cfg, data, acc),
-                       output=folder / "x.pth", plot=None, extra={}, title="t")
+                       output=folder / "x.pth", extra={}, title="t")
         finally:
             engine.STOP.signum = None
 

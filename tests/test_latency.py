@@ -1,6 +1,6 @@
 """Measured latency beside MACs: interleaved rounds, median and min–max, images/s, ONNX
-Runtime, the speed-up panel of ``compare`` and report.md's columns (trainer.profiling,
-trainer.report, trainer.measure_cli)."""
+Runtime, the speed-up panel of ``compare`` and report.md's columns (trainer.measure.profiling,
+trainer.measure.report, trainer.cli.measure)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ import typer
 from typer.testing import CliRunner
 
 from tests.helpers import make_small_checkpoint, run_cli
-from trainer import profiling
-from trainer.bench import random_gamma_model
-from trainer.checkpoint import make_checkpoint, save_checkpoint
+from trainer.cli.measure import register
 from trainer.errors import UserError
-from trainer.measure_cli import register
-from trainer.profiling import measure_latencies, measure_latency, resolve_device
-from trainer.prune import prune
-from trainer.report import add_latency, compare_rows, write_report
+from trainer.files.checkpoint import make_checkpoint, save_checkpoint
+from trainer.measure import profiling
+from trainer.measure.bench import random_gamma_model
+from trainer.measure.profiling import measure_latencies, measure_latency, resolve_device
+from trainer.measure.report import add_latency, compare_rows, write_report
+from trainer.prune.engine import prune
 
 APP = typer.Typer()
 register(APP)
@@ -180,7 +180,7 @@ def test_profile_latency_pruned_vs_unpruned_lab_model(tmp_path):
 
 
 def test_the_pipelines_quick_latency_never_fails_the_study(vgg_ckpts, monkeypatch, capsys):
-    from trainer import report
+    from trainer.measure import report
 
     full, small = vgg_ckpts
     rows = compare_rows([str(full), str(small)])

@@ -43,10 +43,10 @@ from launch.configcmd import (
     default_config_name,
     write_named_config,
 )
-from tests.helpers import communicate_all
-from trainer.config import RunConfig, worker_fields
-from trainer.errors import ConfigError
-from trainer.options import accepted
+from tests.helpers import cli_text, communicate_all
+from trainer.config.commands import accepted
+from trainer.config.settings import RunConfig, worker_fields
+from trainer.errors import ConfigError, ParamError, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = ROOT / "tests" / "_dist_probe.py"
@@ -282,7 +282,7 @@ def test_worker_argv_follows_field_order_and_can_be_restricted():
 
 @pytest.mark.parametrize("command", ["train", "prune", "finetune", "evaluate", "pipeline"])
 def test_worker_argv_is_accepted_by_the_real_worker_cli(command):
-    from trainer.cli import build_app, run_app
+    from trainer.cli.app import build_app, run_app
 
     options, positional = accepted(command)
     cfg = RunConfig(command=command, checkpoint="in put.pth", data_dir=ODD_DIR, download=False,
@@ -350,7 +350,7 @@ def test_one_process_runs_in_process(fields, visible):
 
 def test_no_gpu_and_no_request_runs_on_cpu_in_process():
     p = plan(0)
-    assert p.in_process and p.cfg.cpu is True and "no CUDA GPU" in p.note
+    assert p.in_process and p.run.cpu is True and "no CUDA GPU" in p.note
 
 
 def test_default_uses_every_visible_gpu_with_ddp(tmp_path):
@@ -411,9 +411,9 @@ def test_multi_node_plan_names_the_node(tmp_path):
     ({"gpus": 0}, 4, "--gpus 0:"),
 ])
 def test_launcher_refuses_what_the_machine_cannot_do(fields, visible, needle):
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UserError) as err:  # ConfigError, or a ParamError said in flags
         plan(visible, **fields)
-    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert needle in cli_text(err.value) and "\n" not in cli_text(err.value)
 
 
 def test_user_config_is_used_as_is(tmp_path):
@@ -422,7 +422,7 @@ def test_user_config_is_used_as_is(tmp_path):
     p = plan(0, accelerate_config=str(path), batch_size=64, cpu=True)
     assert not p.write and p.config_path == path and p.config["num_processes"] == 2
     assert p.argv[p.argv.index("--config_file") + 1] == str(path)
-    with pytest.raises(ConfigError, match="does not split evenly over 2"):
+    with pytest.raises(ParamError, match="does not split evenly over 2"):
         plan(0, accelerate_config=str(path), batch_size=65)
     with pytest.raises(ConfigError, match="drop --gpus/--gpu-ids"):
         plan(0, accelerate_config=str(path), gpus=2)
@@ -549,10 +549,10 @@ def test_unwritable_config_folder_is_a_config_error(tmp_path, monkeypatch):
 
 
 def test_dispatch_runs_one_process_in_process(monkeypatch, capsys):
-    import trainer.worker
+    import trainer.commands.worker
 
     seen = []
-    monkeypatch.setattr(trainer.worker, "run_worker", lambda cfg: seen.append(cfg) or 7)
+    monkeypatch.setattr(trainer.commands.worker, "run_worker", lambda cfg: seen.append(cfg) or 7)
     assert planning.dispatch(RunConfig(cpu=True, command="evaluate", checkpoint="c.pth")) == 7
     assert seen[0].command == "evaluate"
     assert planning.dispatch(RunConfig(cpu=True, dry_run=True)) == 0
@@ -731,7 +731,7 @@ def test_two_machines_on_loopback_form_a_world_of_two(tmp_path):
 def test_a_users_config_decides_mode_and_precision(yaml_name, mode, precision):
     """--accelerate-config dp_4gpu.yaml must wrap in DataParallel, whatever --mode defaults to."""
     p = plan(accelerate_config=str(ROOT / "configs" / "accelerate" / yaml_name))
-    assert p.cfg.mode == mode and p.cfg.mixed_precision == precision
+    assert p.run.mode == mode and p.run.mixed_precision == precision
     argv = p.argv
     assert argv[argv.index("--mode") + 1] == mode
 
@@ -742,7 +742,7 @@ def test_mixed_precision_comes_from_the_users_yaml(tmp_path):
     path = tmp_path / "bf16.yaml"
     path.write_text(yaml.safe_dump(config))
     p = plan(accelerate_config=str(path), mixed_precision="no")
-    assert p.cfg.mixed_precision == "bf16"
+    assert p.run.mixed_precision == "bf16"
     assert p.argv[p.argv.index("--mixed-precision") + 1] == "bf16"
 
 

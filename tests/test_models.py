@@ -1,4 +1,4 @@
-"""The lab's ResNet-50 (trainer.resnet): reference counts, layout and cfg validation."""
+"""The lab's ResNet-50 (trainer.models.resnet): reference counts, layout and cfg validation."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 from tests.helpers import small_cfg
-from trainer.models import batchnorms, count_params, unwrap_model
-from trainer.resnet import (
-    NUM_BN,
+from trainer.models.family import batchnorms, count_params, unwrap_model
+from trainer.models.resnet import (
     ResNet50,
     bn_names,
     default_widths,
@@ -70,7 +69,7 @@ def test_layout_matches_the_lab(full_model):
 
 def test_cfg_has_one_entry_per_batchnorm(full_model):
     cfg = default_widths()
-    assert len(cfg) == NUM_BN == 49
+    assert len(cfg) == len(bn_names()) == 49
     assert cfg[:4] == [64, 64, 64, 256]
     assert cfg[-3:] == [512, 512, 2048]
     names = bn_names()

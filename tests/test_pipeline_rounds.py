@@ -11,7 +11,7 @@ import torch
 
 from tests._faults import env
 from tests.helpers import run_cli
-from trainer.checkpoint import load_checkpoint
+from trainer.files.checkpoint import load_checkpoint
 
 ROUNDS = ["pipeline", "--arch", "resnet18", "--dataset", "synthetic", "--cpu",
           "--targets", "6M,3M", "--passes", "2", "--kd", "--round-to", "4",

@@ -1,4 +1,5 @@
-"""Figures (trainer.plots), the profile/compare commands and report.md (trainer.report)."""
+"""Figures (trainer.measure.plots), the profile/compare commands and report.md
+(trainer.measure.report)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from trainer.checkpoint import make_checkpoint, save_checkpoint
+from trainer.cli.measure import register
 from trainer.errors import CheckpointError, UserError
-from trainer.measure_cli import register
-from trainer.models import count_params
-from trainer.plots import plot_comparison, plot_curves, plot_gamma_hist
-from trainer.profiling import profile_model
-from trainer.report import compare_rows, render_compare_table, write_report
-from trainer.resnet import ResNet50, default_widths, prunable_indices
+from trainer.files.checkpoint import make_checkpoint, save_checkpoint
+from trainer.measure.plots import plot_comparison, plot_curves, plot_gamma_hist
+from trainer.measure.profiling import profile_model
+from trainer.measure.report import StudyRow, compare_rows, render_compare_table, write_report
+from trainer.models.family import count_params
+from trainer.models.resnet import ResNet50, default_widths, prunable_indices
 
 APP = typer.Typer()
 register(APP)
@@ -265,8 +266,8 @@ def test_write_report(ckpts, tmp_path):
     rows = compare_rows([str(big), str(small)], ["baseline", "pruned"])
     fig = plot_comparison(rows, tmp_path / "plots" / "comparison.png")
     curves = plot_curves(HISTORY, tmp_path / "plots" / "curves.png", title="t")
-    pipeline = [{"ratio": 0.5, "params": rows[1]["params"], "macs": rows[1]["macs"],
-                 "pruned_acc": 10.0, "best_acc": 40.5}]
+    pipeline = [StudyRow("ratio 0.5", "50", 1, True, 0.5, str(small), str(small),
+                         rows[1]["params"], 40.5, 10.0, rows[1]["macs"])]
     report = write_report(tmp_path, title="Slimming study", rows=rows,
                           figures=[("Comparison", fig), ("Training curves", curves)],
                           pipeline_rows=pipeline, settings={"epochs": 4, "sparsity": 1e-4})

@@ -1,4 +1,4 @@
-"""Parameter / MAC counting (trainer.profiling): exact numbers, wrappers, bad input."""
+"""Parameter / MAC counting (trainer.measure.profiling): exact numbers, wrappers, bad input."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from launch.plan import free_port
-from trainer.checkpoint import make_checkpoint, save_checkpoint
 from trainer.errors import CheckpointError, UserError
-from trainer.models import count_params
-from trainer.profiling import (
+from trainer.files.checkpoint import make_checkpoint, save_checkpoint
+from trainer.measure.profiling import (
     MAX_INPUT_SIZE,
     check_input_size,
     measure_latency,
     profile_checkpoint,
     profile_model,
 )
-from trainer.resnet import ResNet50, default_widths, prunable_indices
+from trainer.models.family import count_params
+from trainer.models.resnet import ResNet50, default_widths, prunable_indices
 
 FULL_PARAMS = 23_513_162
 FULL_MACS = 328_947_712  # thop, 1x3x32x32: convs + linear + BatchNorm + avg-pool

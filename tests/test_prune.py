@@ -1,4 +1,5 @@
-"""Network-slimming pruning (trainer.prune) and the prune command (trainer.commands.cmd_prune)."""
+"""Network-slimming pruning (trainer.prune.engine) and the prune command
+(trainer.commands.prune.cmd_prune)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,21 @@ import pytest
 import torch
 
 from tests.helpers import randomize, small_cfg
-from trainer.checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint
-from trainer.config import RunConfig
-from trainer.errors import CheckpointError, ConfigError
-from trainer.models import batchnorms, count_params
-from trainer.prune import (
+from trainer.commands.worker import run_worker
+from trainer.config.settings import RunConfig
+from trainer.errors import CheckpointError, ParamError
+from trainer.files.checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint
+from trainer.models.family import batchnorms, count_params
+from trainer.models.resnet import ResNet50, prunable_indices
+from trainer.prune.engine import (
     all_gammas,
     apply_masks,
-    channel_masks,
-    global_threshold,
+    masks_of,
     prune,
     stage_summary,
+    threshold_of,
+    units_of,
 )
-from trainer.resnet import ResNet50, prunable_indices
-from trainer.worker import run_worker
 
 DEAD = "layer3.2.bn1"  # the layer whose every γ is tiny
 
@@ -60,20 +62,20 @@ def test_threshold_and_kept_counts_prunable_scope():
     # 128 prunable channels sorted: 4 tiny, 31 x 0.1, 31 x 0.2, 31 x 0.3, 31 x 0.4
     assert len(all_gammas(model, "prunable")) == 128
     res = prune(model, 0.5, scope="prunable")  # position 64 -> 0.2
-    assert res.threshold == pytest.approx(0.2)
+    assert res.record.threshold == pytest.approx(0.2)
     counts = kept(res.masks)
     # strictly above: the 0.2 channel goes too; 0.3 and 0.4 stay
     assert {k: v for k, v in counts.items() if k != DEAD} == {k: 2 for k in counts if k != DEAD}
     # the dead layer would be empty: --min-channels (1) keeps its largest-|γ| channel
-    assert counts[DEAD] == 1 and res.kept_min == [DEAD]
+    assert counts[DEAD] == 1 and res.record.min_channels_kept == [DEAD]
     dead_idx = [n for n, _ in batchnorms(model)].index(DEAD)
     assert res.masks[dead_idx].tolist() == [False, False, True, False]
     assert res.masks[dead_idx + 1].tolist() == [False, False, True, True]  # its bn2: 0.3, 0.4
-    assert res.widths == [int(m.sum()) for m in res.masks]
+    assert res.model.widths == [int(m.sum()) for m in res.masks]
     # stem and bn3 stay whole
     assert all(bool(res.masks[i].all()) for i in range(49) if i not in prunable_indices())
-    assert res.params_before == count_params(model)
-    assert res.params_after == count_params(res.model) < res.params_before
+    assert res.record.params_before == count_params(model)
+    assert res.record.params_after == count_params(res.model) < res.record.params_before
 
 
 @pytest.mark.parametrize("ratio, threshold, per_layer, dead", [
@@ -83,21 +85,21 @@ def test_threshold_and_kept_counts_prunable_scope():
 ])
 def test_threshold_positions(ratio, threshold, per_layer, dead):
     res = prune(hand_set_model(), ratio, scope="prunable")
-    assert res.threshold == pytest.approx(threshold)
+    assert res.record.threshold == pytest.approx(threshold)
     counts = kept(res.masks)
     assert counts[DEAD] == dead
     assert all(v == per_layer for k, v in counts.items() if k != DEAD)
     if ratio == 0.02:
-        assert res.kept_min == []
+        assert res.record.min_channels_kept == []
     if ratio == 0.9:
-        assert len(res.kept_min) == 32
+        assert len(res.record.min_channels_kept) == 32
 
 
 def test_min_channels_keeps_the_largest_gammas():
     res = prune(hand_set_model(), 0.5, scope="prunable", min_channels=2)
     dead_idx = [n for n, _ in batchnorms(res.model)].index(DEAD)
     assert res.masks[dead_idx].tolist() == [True, False, True, False]  # 3e-4 and 4e-4
-    assert res.kept_min == [DEAD]
+    assert res.record.min_channels_kept == [DEAD]
     assert res.model.widths[dead_idx] == 2
 
 
@@ -106,27 +108,38 @@ def test_scope_all_counts_the_stem_and_bn3():
     n_all = len(all_gammas(model, "all"))
     assert n_all == 128 + 64 + 3 * 256 + 4 * 512 + 6 * 1024 + 3 * 2048
     # most channels (stem, bn3) have γ = 1, so the median is 1: every prunable layer empties
-    assert global_threshold(model, 0.5, "all") == pytest.approx(1.0)
+    assert threshold_of(units_of(model), 0.5, "all") == pytest.approx(1.0)
     res = prune(model, 0.5)  # scope "all" is the default (the reference rule)
-    assert set(kept(res.masks).values()) == {1} and len(res.kept_min) == 32
+    assert set(kept(res.masks).values()) == {1} and len(res.record.min_channels_kept) == 32
     # a ratio below the prunable share prunes like the prunable scope at a scaled ratio
     r = 64 / n_all  # position 64 -> 0.2, as prunable scope at 0.5
-    assert global_threshold(model, r, "all") == pytest.approx(0.2)
+    assert threshold_of(units_of(model), r, "all") == pytest.approx(0.2)
 
 
 def test_min_channels_zero_refuses_an_empty_layer():
-    with pytest.raises(ConfigError, match=f"removes every channel of {DEAD}"):
+    with pytest.raises(ParamError, match=f"removes every channel of {DEAD}; lower ratio or "
+                                         "keep min_channels at 1"):
         prune(hand_set_model(), 0.5, scope="prunable", min_channels=0)
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
 def test_ratio_outside_open_interval(ratio):
-    with pytest.raises(ConfigError, match=r"outside \(0, 1\)"):
+    with pytest.raises(ParamError, match=r"^ratio .* is outside \(0, 1\)"):
         prune(hand_set_model(), ratio)
 
 
+def test_library_errors_name_the_parameter():
+    """prune(model, 0.5, min_channels=-1) speaks Python; the CLI says --min-channels."""
+    with pytest.raises(ParamError) as err:
+        prune(hand_set_model(), 0.5, min_channels=-1)
+    assert str(err.value) == "min_channels -1: must be 0 or more"
+    assert err.value.cli_message() == "--min-channels -1: must be 0 or more; see --help"
+    with pytest.raises(ValueError, match="^round_to 0: use 1"):  # a ValueError, as Python's
+        prune(hand_set_model(), 0.5, round_to=0)
+
+
 def test_bad_scope():
-    with pytest.raises(ConfigError, match="--scope"):
+    with pytest.raises(ParamError, match="^scope 'some': use all or prunable$"):
         prune(hand_set_model(), 0.5, scope="some")
 
 
@@ -169,7 +182,7 @@ def test_pruning_zero_gamma_and_beta_channels_keeps_the_outputs():
                 dead = torch.randperm(6, generator=gen)[: 1 + i % 4]  # 1..4 dead channels
                 bn.weight[dead] = 0.0
                 bn.bias[dead] = 0.0
-    masks, rescued = channel_masks(model, threshold=0.0)
+    masks, rescued = masks_of(units_of(model), threshold=0.0)
     assert not rescued
     new = apply_masks(model, masks).eval()
     assert count_params(new) < count_params(model)
@@ -181,7 +194,7 @@ def test_pruning_zero_gamma_and_beta_channels_keeps_the_outputs():
 def test_weights_are_sliced_by_the_masks():
     model = randomize(ResNet50(widths=small_cfg(4)), seed=3)
     src = copy.deepcopy(model)
-    masks, _ = channel_masks(model, threshold=1.0)  # γ in [0.5, 1.5): about half kept
+    masks, _ = masks_of(units_of(model), threshold=1.0)  # γ in [0.5, 1.5): about half kept
     new = apply_masks(model, masks)
     names = [n for n, _ in batchnorms(model)]
     i = names.index("layer2.0.bn1")
@@ -223,9 +236,9 @@ def test_prune_command_writes_checkpoint_metadata_and_gamma_plot(tmp_path, fake_
     meta = ckpt["prune"]
     assert meta["ratio"] == 0.5 and meta["source"] == str(src) and meta["scope"] == "all"
     original = build_model(load_checkpoint(src))
-    assert meta["threshold"] == pytest.approx(global_threshold(original, 0.5))
+    assert meta["threshold"] == pytest.approx(threshold_of(units_of(original), 0.5))
     expected = prune(original, 0.5)
-    assert ckpt["cfg"] == expected.widths
+    assert ckpt["cfg"] == expected.model.widths
     assert meta["params_before"] == count_params(original)
     assert meta["params_after"] == count_params(build_model(ckpt)) < meta["params_before"]
     assert 0 <= meta["acc_before"] <= 100 and 0 <= meta["acc_after"] <= 100

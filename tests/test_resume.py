@@ -5,7 +5,8 @@ checkpoint on disk loads at every kill point. Single process and 2-process gloo 
 
 Why no RNG states in the resume state: a run resumes at an epoch boundary, and everything
 random in an epoch is a pure function of (seed, epoch, rank): the sampler order and the
-augmentation (trainer.data), and the global torch RNG, reseeded per epoch (trainer.fit).
+augmentation (trainer.data.datasets), and the global torch RNG, reseeded per epoch
+(trainer.train.fit).
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import pytest
 
 from tests._faults import assert_same_run, env, finetune_args, make_shared, start
 from tests.helpers import make_small_checkpoint, run_cli, small_cfg
-from trainer.checkpoint import atomic_torch_save, load_checkpoint, safe_torch_load
-from trainer.config import FINETUNE_RECIPE as FINETUNE_DEFAULTS
-from trainer.config import RunConfig
-from trainer.engine import make_optimizer
+from trainer.config.settings import FINETUNE_RECIPE as FINETUNE_DEFAULTS
+from trainer.config.settings import RunConfig
 from trainer.errors import ConfigError
-from trainer.fit import empty_history, load_resume
-from trainer.resnet import ResNet50
+from trainer.files.checkpoint import atomic_torch_save, load_checkpoint, safe_torch_load
+from trainer.models.resnet import ResNet50
+from trainer.train.fit import empty_history, load_resume
+from trainer.train.loop import make_optimizer
 
 DDP = ["--gpus", "2"]
 # Seed of the single-process runs: their test accuracy improves at epochs 2 and 3, so epoch 2

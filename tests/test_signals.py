@@ -20,7 +20,7 @@ import pytest
 
 from tests._faults import env, finetune_args, make_shared, rank_pids, start, wait_for
 from tests.helpers import run_cli
-from trainer.checkpoint import load_checkpoint, safe_torch_load
+from trainer.files.checkpoint import load_checkpoint, safe_torch_load
 
 DDP = ["--gpus", "2"]
 STOP_BOUND_S = 60  # from the signal / kill to the job's exit; a run step takes < 1 s here

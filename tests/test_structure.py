@@ -1,9 +1,14 @@
-"""The house rules a user feels: the launcher starts at once (no torch for --help, config or
---dry-run), and the packages import one way (no import circle, lazy imports included)."""
+"""The house rules of the layout (README's code map): the launcher starts at once (no torch for
+--help, config or --dry-run), the packages import one way (no import circle, lazy imports
+included; each subpackage of trainer/ only imports the ones below it), the torch-free front
+end is a package boundary, and adding an architecture family is a file plus a registry entry.
+"""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -12,41 +17,66 @@ import pytest
 
 from tests.helpers import REPO, cli_env
 
-PACKAGES = ("trainer", "launch")
+PACKAGES = ("trainer", "launch", "slimtune")
+# trainer's subpackages, lowest first: each imports only those before it (and trainer.errors).
+# config: pure settings; models, data: what is built and read; prune: the slimming engine;
+# files: checkpoints and exports; train: the loop; measure: counts, timings, figures;
+# commands: what each command does; cli: the command line (which reaches the rest lazily).
+LAYERS = ("config", "models", "data", "prune", "files", "train", "measure", "commands", "cli")
+# The torch-free front end: nothing these import at module level may import torch.
+HEAVY = ("torch", "torchvision", "accelerate", "thop", "torch_pruning", "safetensors", "numpy",
+         "matplotlib", "timm", "onnx", "onnxruntime", "PIL")
 
 
-def _imports(path: Path) -> set[str]:
-    """Project modules ``path`` imports anywhere in its code (top level or inside functions)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+def _modules() -> list[Path]:
+    return [p for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))
+            if p.stem != "__main__"]
+
+
+def _name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, top_only: bool = False) -> tuple[set[str], set[str]]:
+    """(project modules, third-party top-level packages) that ``path`` imports: anywhere in
+    its code, or with ``top_only`` at module level only."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_only else list(ast.walk(tree))
+    ours, theirs = set(), set()
+    for node in nodes:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         else:
             continue
-        found |= {n for n in names if n.split(".")[0] in PACKAGES and _is_module(n)}
-    return found
+        for n in names:
+            if n.split(".")[0] in PACKAGES:
+                if _is_module(n):
+                    ours.add(n)
+            else:
+                theirs.add(n.split(".")[0])
+    return ours, theirs
 
 
 def _is_module(name: str) -> bool:
     parts = name.split(".")
     return (REPO.joinpath(*parts).with_suffix(".py").is_file()
-            and parts[-1] not in ("__init__", "__main__"))
+            or REPO.joinpath(*parts, "__init__.py").is_file())
 
 
-def _graph() -> dict[str, set[str]]:
-    return {f"{p.parent.name}.{p.stem}": _imports(p) for pkg in PACKAGES
-            for p in sorted((REPO / pkg).glob("*.py")) if p.stem not in ("__init__", "__main__")}
+def _graph(top_only: bool = False) -> dict[str, set[str]]:
+    return {_name(p): _imports(p, top_only)[0] for p in _modules()}
 
 
-def test_no_import_circle_in_trainer_or_launch():
+def test_no_import_circle():
     graph = _graph()
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
 
     def visit(node: str, path: list[str]) -> None:
         state[node] = 1
-        for nxt in sorted(graph[node]):
+        for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
                 pytest.fail("import circle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
             if nxt not in state:
@@ -56,19 +86,84 @@ def test_no_import_circle_in_trainer_or_launch():
     for node in graph:
         if node not in state:
             visit(node, [node])
-    assert len(graph) > 20  # the walk saw the packages
+    assert len(graph) > 40  # the walk saw the packages
 
 
-def test_trainer_never_imports_launch():
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] == "trainer" and len(parts) > 2 and parts[1] in LAYERS:
+        return LAYERS.index(parts[1])
+    return None
+
+
+def test_each_layer_imports_only_the_layers_below_it():
     graph = _graph()
-    assert not [(m, i) for m in graph if m.startswith("trainer.") for i in graph[m]
-                if i.startswith("launch")]
+    wrong = [(m, i) for m, imported in graph.items() for i in imported
+             if _layer(m) is not None and _layer(i) is not None and _layer(i) > _layer(m)]
+    assert not wrong, "\n".join(f"{m} imports {i}" for m, i in wrong)
+
+
+def test_the_packages_depend_one_way():
+    """launch is on top of trainer; slimtune (the Python API) on top of trainer; trainer
+    imports neither, and launch does not import the API."""
+    graph = _graph()
+    assert not [(m, i) for m in graph if m.startswith("trainer") for i in graph[m]
+                if i.startswith(("launch", "slimtune"))]
+    assert not [(m, i) for m in graph if m.startswith("launch") for i in graph[m]
+                if i.startswith("slimtune")]
+
+
+def test_the_front_end_is_torch_free_at_import():
+    """Everything that ``launch.cli`` and ``trainer.config`` import at module level, all the way
+    down, imports no torch (nor another heavy package) at module level: the front end is a
+    package boundary, and the torch side is reached only inside the functions that run."""
+    graph = _graph(top_only=True)
+    paths = {_name(p): p for p in _modules()}
+    seen, todo = set(), ["launch.cli", "trainer.cli.app", *[m for m in paths
+                                                          if m.startswith("trainer.config")]]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        todo += [m for m in graph[module] if m in graph]
+        for parent in _parents(module):
+            todo.append(parent)
+    heavy = {m: sorted(_imports(paths[m], top_only=True)[1] & set(HEAVY)) for m in seen}
+    assert not {m: h for m, h in heavy.items() if h}
+    assert "trainer.cli.app" in seen and "trainer.config.settings" in seen
+
+
+def _parents(module: str) -> list[str]:
+    """The packages whose ``__init__`` runs before ``module``."""
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def test_every_registered_family_is_one_module_with_a_family():
+    from trainer.config.archs import ARCHS, PREFIXES, get_arch
+    from trainer.models.family import Family
+
+    names = {a.family for a in ARCHS.values()} | {get_arch(f"{p}x").family for p in PREFIXES}
+    for name in names:
+        module = importlib.import_module(f"trainer.models.{name}")
+        assert isinstance(module.FAMILY, Family), name
+
+
+def test_every_setting_has_a_kind():
+    """Each setting is declared once, with its kind: a field added without one fails here."""
+    from trainer.config.settings import KINDS, RunConfig, option_help
+
+    for f in dataclasses.fields(RunConfig):
+        assert f.metadata.get("kind") in KINDS, f"{f.name} has no kind (setting(..., kind))"
+        assert f.metadata.get("help") or f.name == "arch", f"{f.name} has no help text"
+        assert option_help(f.name)
 
 
 def _torch_after(*argv: str, cwd: Path) -> tuple[int, bool, str]:
     """Run the launcher's app on ``argv`` in a fresh interpreter: (exit code, torch imported?,
     output)."""
-    code = ("import sys\nfrom launch.cli import make_app\nfrom trainer.cli import run_app\n"
+    code = ("import sys\nfrom launch.cli import make_app\nfrom trainer.cli.app import run_app\n"
             f"rc = run_app(make_app(), {list(argv)!r})\n"
             "print('TORCH_IMPORTED', 'torch' in sys.modules, 'accelerate' in sys.modules)\n"
             "sys.exit(rc)\n")

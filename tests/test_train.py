@@ -1,6 +1,7 @@
-"""Training and fine-tuning (trainer.engine, fit, runtime, worker): the sparsity term, the default
-recipe's stability, the LR schedule, best-checkpoint semantics, output naming, the metrics
-CSV, the curves and determinism. In-process; the CLI is tested in test_workflow_cli.py."""
+"""Training and fine-tuning (trainer.train.loop, fit, runtime, worker): the sparsity term,
+the default recipe's stability, the LR schedule, best-checkpoint semantics, output naming,
+the metrics CSV, the curves and determinism. In-process; the CLI is
+tested in test_workflow_cli.py."""
 
 from __future__ import annotations
 
@@ -16,16 +17,19 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import make_small_checkpoint, small_cfg
-from trainer import engine, fit, models, paths, runtime
-from trainer.archs import with_recipe
-from trainer.checkpoint import load_checkpoint, safe_torch_load
-from trainer.checks import validate
-from trainer.config import FINETUNE_RECIPE as FINETUNE_DEFAULTS
-from trainer.config import TRAIN_RECIPE as TRAIN_DEFAULTS
-from trainer.config import RunConfig
-from trainer.models import batchnorms
-from trainer.resnet import ResNet50
-from trainer.worker import run_worker
+from trainer.commands.worker import run_worker
+from trainer.config import paths
+from trainer.config.archs import with_recipe
+from trainer.config.checks import validate
+from trainer.config.settings import FINETUNE_RECIPE as FINETUNE_DEFAULTS
+from trainer.config.settings import TRAIN_RECIPE as TRAIN_DEFAULTS
+from trainer.config.settings import RunConfig
+from trainer.files.checkpoint import load_checkpoint, safe_torch_load
+from trainer.models import build as models
+from trainer.models.family import batchnorms
+from trainer.models.resnet import ResNet50
+from trainer.train import fit, runtime
+from trainer.train import loop as engine
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -84,7 +88,7 @@ def one_sgd_step(model: torch.nn.Module, lam: float, batch) -> torch.optim.Optim
                     cpu=True, num_workers=0)
     accelerator = runtime.make_accelerator(cfg)
     optimizer = engine.make_optimizer(model, cfg)
-    engine.train_one_epoch(model, [batch], optimizer, accelerator=accelerator, cfg=cfg, epoch=0)
+    engine.train_one_epoch(model, [batch], optimizer, accelerator=accelerator, run=cfg, epoch=0)
     return optimizer
 
 
@@ -134,7 +138,7 @@ def test_the_l1_term_keeps_its_size_under_the_fp16_loss_scaler():
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     scaled = copy.deepcopy(base)
     optimizer = accelerator.prepare_optimizer(engine.make_optimizer(scaled, cfg))
-    engine.train_one_epoch(scaled, [batch], optimizer, accelerator=accelerator, cfg=cfg,
+    engine.train_one_epoch(scaled, [batch], optimizer, accelerator=accelerator, run=cfg,
                            epoch=0)
     assert accelerator.scaler.get_scale() == 2.0 ** 16  # the step was taken, not skipped
     plain, sparse = copy.deepcopy(base), copy.deepcopy(base)
@@ -178,7 +182,7 @@ def test_default_train_recipe_is_stable_and_learns(monkeypatch):
     for epoch in range(epochs):
         train_loader.set_epoch(epoch)
         engine.train_one_epoch(model, train_loader, optimizer, accelerator=accelerator,
-                               cfg=cfg, epoch=epoch)
+                               run=cfg, epoch=epoch)
     assert len(losses) == steps * epochs
     shown = [round(v, 3) for v in losses]
     assert all(math.isfinite(v) for v in losses), shown
@@ -353,7 +357,7 @@ def test_finetune_history_csv_plot_and_determinism(tmp_path, fake_cifar10, monke
 
 
 def test_split_first_step_separates_the_compile_cost():
-    from trainer.progress import split_first_step
+    from trainer.train.progress import split_first_step
 
     # 10 steps of 100 images at 0.5 s each, the first one 30.5 s (30 s compiling)
     excess, rate = split_first_step(30.5, 100, 30.5 + 9 * 0.5, 1000)
@@ -392,11 +396,14 @@ def test_weights_that_diverge_in_the_last_step_stop_the_run_at_the_evaluation(
 @pytest.mark.parametrize("field, value, needle", [
     ("lr", math.inf, "--lr inf"), ("lr", math.nan, "--lr nan"),
     ("sparsity", math.inf, "--sparsity inf"), ("weight_decay", math.nan, "--weight-decay nan"),
-    ("momentum", 1.0, r"--momentum 1\.0: must be in \[0, 1\)"),
+    ("momentum", 1.0, "--momentum 1.0: must be in [0, 1)"),
     ("seed", -1, "--seed -1"), ("dist_timeout", 0, "--dist-timeout 0"),
 ])
 def test_validate_refuses_settings_that_cannot_train(field, value, needle):
-    from trainer.errors import ConfigError
+    """The check names the parameter; the command line says it as its flag."""
+    from trainer.errors import ParamError
 
-    with pytest.raises(ConfigError, match=needle):
+    with pytest.raises(ParamError) as err:
         validate(RunConfig(command="finetune", checkpoint="x.pth", **{field: value}))
+    assert str(err.value).startswith(field + " ")
+    assert err.value.cli_message().startswith(needle) and "see --help" in err.value.cli_message()

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from tests.helpers import FAST, cli_env, make_small_checkpoint, run_cli, small_cfg
-from trainer.checkpoint import (
+from trainer.files.checkpoint import (
     load_checkpoint,
     make_checkpoint,
     safe_torch_load,
     save_checkpoint,
 )
-from trainer.resnet import ResNet50
+from trainer.models.resnet import ResNet50
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

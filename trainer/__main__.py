@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-from trainer.cli import build_app, run_app
+from trainer.cli.app import build_app, run_app
 
 
 def leave(code: int) -> None:
@@ -14,7 +14,7 @@ def leave(code: int) -> None:
     A rank of a multi-process job (WORLD_SIZE > 1) skips interpreter finalisation: measured
     here, about one gloo rank in three aborted (SIGABRT, exit -6) in C++ static destructors
     after its work was done, and the launcher then reported a finished job as failed. The
-    process group is freed with the process (see ``trainer.runtime.end_run``). Everything a
+    process group is freed with the process (see ``trainer.train.runtime.end_run``). Everything a
     run writes is closed by then; flush what is buffered.
     """
     if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):

@@ -51,7 +51,7 @@ class _FaultyBatches:
         return len(self.loader)
 
     def __iter__(self):
-        from trainer import dist
+        from trainer.train import dist
 
         rank = dist.rank()
         for step, (x, y) in enumerate(self.loader):
@@ -130,12 +130,12 @@ def _patch_loaders(loaders) -> None:
 
 
 PATCHES = {
-    "trainer.engine": (_patch_engine, ("SLIMTUNE_TEST_FAIL_RANK", "SLIMTUNE_TEST_KILL_AT",
+    "trainer.train.loop": (_patch_engine, ("SLIMTUNE_TEST_FAIL_RANK", "SLIMTUNE_TEST_KILL_AT",
                                        "SLIMTUNE_TEST_NAN_RANK", "SLIMTUNE_TEST_STEP_SLEEP")),
-    "trainer.checkpoint": (_patch_checkpoint, ("SLIMTUNE_TEST_KILL_IN_SAVE",
+    "trainer.files.checkpoint": (_patch_checkpoint, ("SLIMTUNE_TEST_KILL_IN_SAVE",
                                                "SLIMTUNE_TEST_SAVE_SLEEP")),
-    "trainer.dist": (_patch_dist, ("SLIMTUNE_TEST_REPORT_SLEEP",)),
-    "trainer.loaders": (_patch_loaders, ("SLIMTUNE_TEST_WORKER_DIES_LATE",)),
+    "trainer.train.dist": (_patch_dist, ("SLIMTUNE_TEST_REPORT_SLEEP",)),
+    "trainer.data.loaders": (_patch_loaders, ("SLIMTUNE_TEST_WORKER_DIES_LATE",)),
 }
 
 

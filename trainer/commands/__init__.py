@@ -1,0 +1,1 @@
+"""What each command does (the worker side): train, finetune, prune, evaluate, pipeline."""

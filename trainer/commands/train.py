@@ -1,0 +1,125 @@
+"""``train`` and ``finetune`` on the worker side: inputs in, a best checkpoint, its resume state,
+metrics CSV and curves out. Each ``cmd_*`` takes the run's settings and the Accelerator
+(``trainer.commands.worker.run_worker`` builds it) and runs on every rank of a job; only the
+main process writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer.config.archs import DEFAULT_ARCH
+from trainer.config.paths import PLOTS, input_checkpoint, output_path, plot_path
+from trainer.config.settings import RunConfig, saved_config
+from trainer.data.datasets import check_classes, dataset_classes
+from trainer.errors import ConfigError
+from trainer.files.atomic import ensure_writable
+from trainer.files.checkpoint import build_model, load_checkpoint
+from trainer.measure.plots import plot_curves
+from trainer.models.build import fresh_model
+from trainer.train import dist
+from trainer.train.fit import fit
+from trainer.train.loop import make_optimizer
+from trainer.train.runtime import (
+    evaluation_loader,
+    load_data,
+    loader_kind,
+    prepare_model,
+    prepare_teacher,
+    training_loader,
+)
+
+
+def preflight(run: RunConfig) -> None:
+    """The input checks each rank makes first, made once by the launcher before a job of
+    several processes starts: a bad checkpoint or a missing dataset is then one line, with no
+    process started and no file written, not one report per rank after torchrun's own.
+
+    Reads the input checkpoint (safe loader) and looks for the dataset's files without
+    reading them; what only reading finds (a truncated CIFAR file) is still the ranks' to say.
+    """
+    src = input_checkpoint(run)
+    ckpt = load_checkpoint(src, run.arch) if src else None
+    if run.teacher and ckpt is not None:
+        load_teacher(run.teacher, ckpt["num_classes"])
+    if run.command == "prune":  # prune measures accuracy only if it can: data is optional
+        return
+    classes = dataset_classes(run.dataset, run.data_dir, image_size=run.image_size,
+                              download=run.download, synthetic_train=run.synthetic_train,
+                              synthetic_test=run.synthetic_test)
+    if ckpt is not None:
+        what = f"--init {src}" if run.command == "train" else f"checkpoint {src}"
+        check_classes(run.dataset, classes, ckpt["num_classes"], what)
+
+
+def run_training(run: RunConfig, accelerator, model, data, *, output: Path, plot: Path,
+                 extra: dict, title: str, teacher=None):
+    """Optimizer + loaders + fit: the part train and finetune share."""
+    ensure_writable(output.parent)
+    ensure_writable(plot.parent)
+    # saved resolved: a resume on another device must not switch loaders (and augmentation)
+    run = run.replace(loader=loader_kind(run, accelerator.device))
+    train = training_loader(run, data, accelerator)
+    test = evaluation_loader(run, data, accelerator)
+    model = model.to(accelerator.device)
+    optimizer = make_optimizer(model, run)
+    model, optimizer = prepare_model(model, run, accelerator, optimizer)
+    if run.log_with:  # e.g. TensorBoard event files under <workdir>/runs/<output stem>
+        accelerator.init_trackers(output.stem, config={
+            k: v for k, v in saved_config(run).items() if isinstance(v, (int, float, str, bool))})
+    try:
+        state = fit(model, optimizer, accelerator=accelerator, run=run, train_loader=train,
+                    test_loader=test, output=output, extra=extra, title=title,
+                    teacher=teacher)
+    finally:
+        train.close()  # the workers go now, not whenever a stop's traceback is freed
+    if dist.is_main() and state.history["epoch"]:
+        plot_curves(state.history, plot, title=title, best_epoch=state.best_epoch)
+    return state
+
+
+def cmd_train(run: RunConfig, accelerator, plots_dir: Path = PLOTS):
+    with accelerator.main_process_first():  # one rank downloads, the others then read
+        data = load_data(run)
+    torch.manual_seed(run.seed)  # the same initial model on every rank
+    if run.init:
+        model = build_model(load_checkpoint(run.init, run.arch))
+        check_classes(data.name, data.num_classes, model.num_classes, f"--init {run.init}")
+    else:
+        model = fresh_model(run.arch or DEFAULT_ARCH, data.num_classes, run.gamma_init)
+    output = output_path(run)
+    title = f"train {output.stem} (sparsity {run.sparsity:g})"
+    return run_training(run, accelerator, model, data, output=output,
+                        plot=plot_path(run, output, plots_dir), extra={}, title=title)
+
+
+def cmd_finetune(run: RunConfig, accelerator, plots_dir: Path = PLOTS):
+    src = input_checkpoint(run)
+    run = run.replace(checkpoint=src)
+    ckpt = load_checkpoint(src, run.arch)
+    data = load_data(run)
+    check_classes(data.name, data.num_classes, ckpt["num_classes"], f"checkpoint {src}")
+    model = build_model(ckpt)
+    teacher = None
+    if run.teacher:
+        teacher = prepare_teacher(build_model(load_teacher(run.teacher, ckpt["num_classes"])),
+                                  run, accelerator)
+    output = output_path(run)
+    extra = {"prune": ckpt["prune"]} if "prune" in ckpt else {}
+    title = f"fine-tune {Path(src).name}" + (f" (teacher {Path(run.teacher).name})"
+                                             if run.teacher else "")
+    return run_training(run, accelerator, model, data, output=output,
+                        plot=plot_path(run, output, plots_dir), extra=extra, title=title,
+                        teacher=teacher)
+
+
+def load_teacher(path: str, num_classes: int) -> dict:
+    """The teacher's checkpoint; refused when its classes are not the student's."""
+    ckpt = load_checkpoint(path)
+    if ckpt["num_classes"] != num_classes:
+        raise ConfigError(f"--teacher {path} has {ckpt['num_classes']} classes but the model "
+                          f"fine-tuned has {num_classes}; give a teacher trained on the same "
+                          "classes")
+    return ckpt

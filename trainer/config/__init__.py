@@ -1,0 +1,1 @@
+"""Pure settings (no torch): every setting, command, architecture name, check and file name."""

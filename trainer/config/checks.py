@@ -1,0 +1,196 @@
+"""Every check of a run's settings, once: the launcher, the worker, prune and bench call these.
+
+Pure Python (no torch): the launcher refuses bad settings before anything starts or is
+written, and ``--dry-run`` stays fast. Each failure names the problem and the fix (one line,
+exit code 2): a ParamError names the parameter, which the command line says as its flag.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainer.config.archs import get_arch
+from trainer.config.paths import fmt_count, input_checkpoint, ratio_tag, written_files
+from trainer.config.settings import (
+    BUDGET_KINDS,
+    DATASETS,
+    LOADERS,
+    MIXED_PRECISIONS,
+    MODES,
+    OPTIMIZERS,
+    RUN_COMMANDS,
+    SCOPES,
+    RunConfig,
+)
+from trainer.errors import ConfigError, ParamError
+
+
+def _finite(v: float) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _one_of(choices: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in choices), f": use {', '.join(choices[:-1])} or {choices[-1]}"
+
+
+# parameter -> (what a valid value satisfies, what the message says after the value); the
+# one statement of each rule, for the command line (validate) and the library alike (check).
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (lambda v: v >= 1, ": need at least 1 epoch"),
+    "lr": (lambda v: _finite(v) and v > 0, ": the learning rate must be a positive number"),
+    "batch_size": (lambda v: v >= 1, ": need at least 1"),
+    "finetune_batch_size": (lambda v: v >= 1, ": need at least 1"),
+    "optimizer": _one_of(OPTIMIZERS),
+    "mode": _one_of(MODES),
+    "mixed_precision": _one_of(MIXED_PRECISIONS),
+    "loader": _one_of(LOADERS),
+    "sparsity": (lambda v: _finite(v) and v >= 0, ": must be 0 or positive"),
+    "weight_decay": (lambda v: _finite(v) and v >= 0, ": must be 0 or positive"),
+    "warmup_epochs": (lambda v: _finite(v) and v >= 0, ": must be 0 or positive"),
+    "gamma_init": (_finite, ": must be a number"),
+    "momentum": (lambda v: _finite(v) and 0 <= v < 1, ": must be in [0, 1), e.g. 0.9"),
+    "seed": (lambda v: v >= 0, ": must be 0 or more"),
+    "dist_timeout": (lambda v: v >= 1, ": need at least 1 second"),
+    "min_channels": (lambda v: v >= 0, ": must be 0 or more"),
+    "num_workers": (lambda v: v >= 0, ": must be 0 or more"),
+    "limit_batches": (lambda v: v is None or v >= 1, ": must be 1 or more"),
+    "image_size": (lambda v: v >= 8, ": must be 8 or more"),
+    "round_to": (lambda v: v >= 1, ": use 1 (off) or more, e.g. 8"),
+    "passes": (lambda v: v >= 1, ": need at least 1"),
+    "kd_alpha": (lambda v: _finite(v) and 0 <= v <= 1,
+                 ": must be in [0, 1] (the weight of the teacher's term)"),
+    "kd_temperature": (lambda v: _finite(v) and v > 0, ": must be above 0, e.g. 4"),
+    "target_kind": _one_of(BUDGET_KINDS),
+    "scope": _one_of(SCOPES),
+}
+_QUOTED = {"optimizer", "mode", "mixed_precision", "loader", "target_kind", "scope"}
+
+
+def check(param: str, value: Any) -> Any:
+    """``value`` if it is a valid ``param`` (RULES), else ParamError naming the parameter."""
+    ok, problem = RULES[param]
+    if isinstance(value, bool) or not ok(value):
+        raise ParamError.value(param, value, problem, quote=param in _QUOTED,
+                               cli_hint="; see --help")
+    return value
+
+
+def validate(run: RunConfig) -> None:
+    """Refuse settings that cannot work, before anything starts or is written."""
+    if run.command not in RUN_COMMANDS:
+        raise ConfigError(f"unknown command {run.command!r}")
+    if run.dataset not in DATASETS:
+        raise ParamError.value("dataset", run.dataset, f" is unknown; use one of "
+                               f"{', '.join(DATASETS)}", quote=True, cli_hint="; see --help")
+    for param in RULES:
+        check(param, getattr(run, param))
+    if run.arch is not None:
+        get_arch(run.arch)
+    if run.sync_bn and run.cpu:
+        raise ConfigError("--sync-bn synchronises BatchNorm over GPU processes and needs CUDA; "
+                          "drop it with --cpu")
+    check_dp(run)
+    _check_pruning(run)
+    if run.command == "pipeline" and (run.train_epochs < 1 or run.finetune_epochs < 1):
+        raise ConfigError("--train-epochs and --finetune-epochs need at least 1 epoch")
+    check_written_files(run)
+
+
+def check_dp(run: RunConfig) -> None:
+    """DataParallel copies the module per GPU per step: the copies of a compiled module wipe
+    its parameters, and Accelerate's autocast forward stays bound to GPU 0's model."""
+    several = run.gpus is None or run.gpus > 1 or "," in (run.gpu_ids or "")  # None: all
+    if (run.mode == "dp" and not run.cpu and several
+            and (run.compile or run.mixed_precision != "no")):
+        raise ConfigError("--mode dp runs in FP32 without --compile; use --mode ddp for "
+                          "--compile or --mixed-precision bf16/fp16")
+
+
+def _check_pruning(run: RunConfig) -> None:
+    if run.command == "prune":
+        check_amount(run.ratio, run.target_params, run.target_macs)
+    if run.command == "pipeline" and not run.targets:
+        check_ratios(run.ratios)
+    if run.command == "pipeline" and run.targets:
+        twice = sorted({fmt_count(t) for t in run.targets if run.targets.count(t) > 1})
+        if twice:
+            raise ParamError("{targets} lists " + ", ".join(twice) + " twice; give each budget "
+                             "once", "targets")
+
+
+def check_amount(ratio: float | None, target_params: int | None,
+                 target_macs: int | None) -> None:
+    """Exactly one of a ratio and a params or MACs budget says how much to prune."""
+    given = [p for p, v in (("ratio", ratio), ("target_params", target_params),
+                            ("target_macs", target_macs)) if v is not None]
+    if not given:
+        raise ParamError("prune needs {ratio} R with 0 < R < 1 (the fraction of channels to "
+                         "remove), e.g. {ratio} 0.5, or a budget: {target_params} 4M or "
+                         "{target_macs} 100M", "ratio", "target_params", "target_macs")
+    if len(given) > 1:
+        raise ParamError(" and ".join("{" + p + "}" for p in given) + " both say how much to "
+                         "prune; give one", *given)
+    if ratio is not None:
+        check_ratio(ratio)
+
+
+def check_ratio(ratio: float) -> float:
+    """A prune ratio is the fraction of channels removed: strictly between 0 and 1."""
+    if isinstance(ratio, bool) or not _finite(ratio) or not 0 < ratio < 1:
+        raise ParamError.value("ratio", ratio, " is outside (0, 1); give the fraction of "
+                               "channels to prune, e.g. 0.5")
+    return ratio
+
+
+def check_ratios(ratios: tuple[float, ...]) -> None:
+    """At least one ratio, each valid, and no two that would write the same files."""
+    if not ratios:
+        raise ParamError("{ratios} is empty; give the prune ratios to study, e.g. "
+                         "{ratios} 0.5,0.9", "ratios")
+    for r in ratios:
+        check_ratio(r)
+    tags = [ratio_tag(r) for r in ratios]
+    twice = sorted({t for t in tags if tags.count(t) > 1})
+    if twice:
+        listed = ", ".join(f"{float(t) / 100:g}" for t in twice)
+        raise ParamError("{ratios} lists " + listed + " twice; give each ratio once", "ratios")
+
+
+def parse_count(text: str | int | float, param: str) -> int:
+    """A count of params or MACs: 4000000, 4e6, 4M, 2.5M or 1.2G (K, M, G: 10^3, 10^6, 10^9)."""
+    raw = str(text).strip()
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(raw[-1:].upper(), 1)
+    try:
+        value = float(raw[:-1] if scale != 1 else raw) * scale
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 1:
+        raise ParamError.value(param, raw, " is not a positive count; write e.g. 4M, 4e6 or "
+                               "4000000 (K, M, G suffixes)", quote=True)
+    return int(round(value))
+
+
+def check_batch_split(batch_size: int, processes: int, param: str = "batch_size") -> int:
+    """DDP splits the global batch evenly; returns the per-process batch."""
+    if processes > 1 and batch_size % processes:
+        nearest = max(processes, round(batch_size / processes) * processes)
+        raise ParamError.value(param, batch_size, f" does not split evenly over {processes} "
+                               f"processes; use a multiple of {processes} (e.g. {{{param}}} "
+                               f"{nearest})")
+    return batch_size // processes
+
+
+def check_written_files(run: RunConfig) -> None:
+    """No run writes over its input or onto a folder (found before any work, not after it)."""
+    sources = [(s, w) for s, w in ((input_checkpoint(run), "the input checkpoint"),
+                                   (run.teacher, "the --teacher checkpoint")) if s]
+    for what, path in written_files(run):
+        for src, name in sources:
+            if path.resolve() == Path(src).resolve():
+                raise ConfigError(f"{what} {path} is {name}; choose another path (slimtune "
+                                  "never overwrites its source)")
+        if path.is_dir():
+            raise ConfigError(f"{what} {path} is a folder; give a file path")

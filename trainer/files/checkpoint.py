@@ -1,0 +1,268 @@
+"""Self-describing, safely loaded, atomically written checkpoints.
+
+A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` accepts::
+
+    format_version, arch, num_classes, cfg (the model's channel widths), state_dict
+    (unwrapped), and where they apply: history, best_acc, best_epoch, config, prune
+
+``arch`` is looked up in slimtune's own table (trainer.config.archs); ``cfg`` is what its family
+rebuilds the model from (the key keeps the lab's name; in code it is ``widths``). The lab's
+bare ``{cfg, state_dict}`` files (with or without ``module.`` prefixes), the network-slimming
+code's files and bare state_dicts load too: a file that names no arch is taken for what
+``--arch`` says, else for what its keys show, else for the lab's ResNet-50.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config.archs import ARCHS, DEFAULT_ARCH, TORCHVISION, get_arch
+from trainer.errors import CheckpointError, UserError
+from trainer.files.atomic import atomic_path
+from trainer.files.safeload import safe_torch_load
+from trainer.files.safetensors_io import is_safetensors, load_safetensors
+from trainer.models.build import detect_arch, family, new_model
+from trainer.models.family import unwrap_model
+
+FORMAT_VERSION = 1
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_THOP_SUFFIXES = ("total_ops", "total_params")
+HISTORY_KEYS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
+
+
+def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop wrapper prefixes (``module.``, ``_orig_mod.``) and thop's counting buffers."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        if key.rsplit(".", 1)[-1] in _THOP_SUFFIXES:
+            continue
+        out[key] = value
+    return out
+
+
+def make_checkpoint(model: nn.Module, **extra: Any) -> dict[str, Any]:
+    """A checkpoint dict for ``model`` (unwrapped, tensors moved to CPU) plus ``extra`` fields."""
+    bare = unwrap_model(model)
+    state = {k: v.detach().cpu().clone() for k, v in clean_state_dict(bare.state_dict()).items()}
+    ckpt = {
+        "format_version": FORMAT_VERSION,
+        "arch": bare.arch,
+        "num_classes": int(bare.num_classes),
+        "cfg": _plain(bare.widths),
+        "state_dict": state,
+    }
+    ckpt.update({k: v for k, v in extra.items() if v is not None})
+    return ckpt
+
+
+def _plain(value: Any) -> Any:
+    """Lists all the way down (a torchvision model's widths nest lists)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same folder, then ``os.replace`` (trainer.files.atomic).
+
+    A crash leaves either the old file or the new one, never a truncated file.
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: Mapping[str, Any]) -> None:
+    """Atomically save a checkpoint dict (see :func:`make_checkpoint`)."""
+    atomic_torch_save(dict(ckpt), path)
+
+
+def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> dict[str, Any]:
+    """Load and validate a checkpoint (slimtune, lab or network-slimming format); tensors on
+    CPU. ``arch``: the architecture of a file that names none (default: what its keys show).
+
+    Returns a normalized dict with at least ``format_version``, ``arch``, ``num_classes``,
+    ``cfg`` and a clean ``state_dict`` whose shapes agree with ``cfg``.
+    """
+    raw = _as_checkpoint(path, load_safetensors(path) if is_safetensors(path)
+                         else safe_torch_load(path))
+    state = clean_state_dict(raw["state_dict"])
+    name = _arch_of(path, raw, state, arch)
+    fam = family(name)
+    _check_types(path, raw, state)
+    try:
+        widths = fam.check_widths(name, _widths_of(path, raw, state, name))
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    num_classes = raw.get("num_classes")
+    if num_classes is None:
+        key = classifier_key(name)
+        if key not in state:
+            raise CheckpointError(f"{path} has no {key}; it is not a {name} state_dict")
+        num_classes = int(state[key].shape[0])
+    check_state_dict(state, name, widths, num_classes, source=str(path))
+    ckpt = {k: v for k, v in raw.items() if k != "bare"}
+    ckpt.update(format_version=raw.get("format_version", 0), arch=name,
+                num_classes=num_classes, cfg=widths, state_dict=state)
+    if isinstance(raw.get("best_acc"), torch.Tensor):  # a lab file's: plain values from here on
+        ckpt["best_acc"] = raw["best_acc"].item()
+    if isinstance(raw.get("history"), Mapping):
+        ckpt["history"] = {k: [x.item() if isinstance(x, torch.Tensor) else x for x in v]
+                           for k, v in raw["history"].items()}
+    return ckpt
+
+
+def _as_checkpoint(path, raw: Any) -> dict[str, Any]:
+    """A checkpoint dict from what the file holds: a checkpoint, a run's resume state, or a
+    bare state_dict (``torch.save(model.state_dict())``)."""
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a checkpoint dict; "
+                              "expected at least {cfg, state_dict}")
+    if raw.get("kind") == "resume" and isinstance(raw.get("model"), Mapping):
+        # a run's <stem>.last.pth: the weights of its last finished epoch (not its best)
+        config = raw.get("config") if isinstance(raw.get("config"), Mapping) else {}
+        return {**{k: raw[k] for k in ("arch", "cfg", "history", "config") if k in raw},
+                "arch": raw.get("arch") or config.get("arch"), "state_dict": raw["model"],
+                "kind": "resume"}
+    if "cfg" not in raw and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        return {"state_dict": raw, "bare": True}
+    if not isinstance(raw.get("state_dict"), Mapping):
+        if "state_dict" in raw:
+            kind = type(raw["state_dict"]).__name__
+            raise CheckpointError(f"{path}: 'state_dict' is a {kind}, not a dict")
+        keys = [str(k) for k in raw]
+        shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} keys)" if len(keys) > 5 else "")
+        missing = "cfg" if "cfg" not in raw else "state_dict"
+        raise CheckpointError(f"{path} has no '{missing}' (keys: {shown or 'none'}); "
+                              "expected a checkpoint with cfg and state_dict")
+    return dict(raw)
+
+
+def _arch_of(path, raw: Mapping, state: Mapping, arch: str | None) -> str:
+    """The file's own arch, else ``arch``, else what its keys show, else the lab's."""
+    name = raw.get("arch") or arch or detect_arch(state) or DEFAULT_ARCH
+    try:
+        get_arch(name)
+    except UserError:  # an unknown name, said as a flag: say it is the file's
+        raise CheckpointError(f"{path} names the architecture {name!r}, which slimtune does not "
+                              f"know; it slims {', '.join(ARCHS)} and {TORCHVISION}NAME") from None
+    return name
+
+
+def _widths_of(path, raw: Mapping, state: Mapping, arch: str) -> Any:
+    """The file's ``cfg``, or the widths its shapes show (a bare or official main.py file)."""
+    if raw.get("cfg") is not None:
+        return raw["cfg"]
+    try:
+        return family(arch).widths_from_state(arch, state)
+    except (KeyError, IndexError):
+        if raw.get("bare"):
+            raise CheckpointError(
+                f"{path} is a bare state_dict ({len(state)} tensors, first "
+                f"{next(iter(state), None)!r}) that is not the lab ResNet-50's nor another "
+                "architecture slimtune knows; give a slimtune or lab checkpoint {cfg, "
+                "state_dict}, or name its architecture with --arch") from None
+        keys = [str(k) for k in raw]
+        raise CheckpointError(f"{path} has no 'cfg' (keys: {', '.join(keys[:5])}) and its "
+                              f"state_dict is not a {arch}'s; expected a checkpoint with cfg "
+                              "and state_dict") from None
+
+
+def classifier_key(arch: str) -> str:
+    """The state_dict key of ``arch``'s final Linear weight (its class count)."""
+    with torch.device("meta"):
+        model = family(arch).build(arch, 2)
+    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+
+
+_NUMBER = (int, float, torch.Tensor)  # a lab file may keep accuracies as 1-element tensors
+# The fields info/profile/compare read, and the types a slimtune or lab file gives them
+# (None is allowed for each). A file edited by hand fails here in one line, not in a report.
+_TYPES = {"num_classes": int, "best_acc": _NUMBER, "best_epoch": int, "history": Mapping,
+          "prune": Mapping, "config": Mapping}
+_PRUNE_TYPES = {"ratio": _NUMBER, "threshold": _NUMBER, "scope": str, "min_channels": int,
+                "source": str, "params_before": int, "params_after": int,
+                "acc_before": _NUMBER, "acc_after": _NUMBER}
+
+
+def _check_types(path, raw: Mapping, state: Mapping) -> None:
+    fields = [(k, raw.get(k), t) for k, t in _TYPES.items()]
+    fields += [(f"prune.{k}", (raw.get("prune") or {}).get(k), t) for k, t in _PRUNE_TYPES.items()
+               if isinstance(raw.get("prune"), Mapping)]
+    if isinstance(raw.get("history"), Mapping):
+        fields += [(f"history.{k}", v, (list, tuple)) for k, v in raw["history"].items()]
+        fields += [(f"history.{k}[{i}]", x, _NUMBER) for k, v in raw["history"].items()
+                   if isinstance(v, (list, tuple)) for i, x in enumerate(v)]
+    for name, value, kind in fields:
+        odd_tensor = isinstance(value, torch.Tensor) and (kind is not _NUMBER or value.numel() != 1)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)
+                                  or odd_tensor):
+            raise CheckpointError(f"{path}: {name} is a {type(value).__name__} ({value!r:.40}), "
+                                  "not what slimtune writes; the file was edited or damaged: "
+                                  "re-create it")
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: state_dict entry {bad!r} is a "
+                              f"{type(state[bad]).__name__}, not a tensor; the file was edited "
+                              "or damaged: re-create it")
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], arch: str, widths: Any,
+                     num_classes: int, source: str = "checkpoint") -> None:
+    """Raise CheckpointError if ``state`` does not fit ``arch`` at ``widths``."""
+    expected = _expected_shapes(arch, widths, num_classes, source)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    for key, shape in expected.items():
+        if key in state and tuple(state[key].shape) != shape:
+            entry = family(arch).widths_entry(arch, widths, key)
+            raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)} but the "
+                                  f"cfg ({entry}) expects {shape}; cfg and state_dict disagree")
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
+        raise CheckpointError(f"{source}: state_dict does not match {arch}: {'; '.join(parts)}")
+
+
+def _expected_shapes(arch: str, widths: Any, num_classes: int,
+                     source: str) -> dict[str, tuple[int, ...]]:
+    fam = family(arch)
+    try:
+        if get_arch(arch).family == "torchvision":  # replaying its history needs real tensors
+            model = fam.build(arch, num_classes, widths)
+        else:
+            with torch.device("meta"):
+                model = fam.build(arch, num_classes, widths)
+    except (ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"{source}: its cfg does not rebuild a {arch} ({type(exc).__name__}"
+                              f": {str(exc)[:120]}); the file was edited or damaged") from None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def build_model(ckpt: Mapping[str, Any]) -> nn.Module:
+    """Rebuild the model a loaded checkpoint describes, with its weights."""
+    model = new_model(ckpt["arch"], int(ckpt["num_classes"]), ckpt["cfg"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model
+
+
+def summarize_history(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """best_acc / best_epoch / epochs of a checkpoint's history (None when absent)."""
+    hist = ckpt.get("history") or {}
+    accs = list(hist.get("test_acc", []))
+    best = ckpt.get("best_acc", max(accs) if accs else None)
+    best_epoch = ckpt.get("best_epoch")
+    if best_epoch is None and accs:
+        best_epoch = hist.get("epoch", list(range(1, len(accs) + 1)))[accs.index(max(accs))]
+    return {"best_acc": best, "best_epoch": best_epoch, "epochs": len(accs)}

@@ -1,0 +1,1 @@
+"""Measurements: params/MACs/latency, bench, reports, figures."""

@@ -1,0 +1,1 @@
+"""The architectures slimtune slims: families, the registry lookup, building a model."""

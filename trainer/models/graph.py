@@ -1,0 +1,147 @@
+"""Any CNN slimmed through Torch-Pruning's dependency graph: the family of models whose
+layers slimtune does not know by name (``trainer.models.torchvision_zoo`` builds its models from
+torchvision).
+
+Channels that must go together (a residual stream shared by many blocks, a depthwise conv and
+the pointwise conv that feeds it, a concatenation) form one *group*; the graph finds them. A
+group is a unit of the global threshold: its channel importance is the mean |γ| of the group's
+BatchNorms at that channel (Torch-Pruning's default group reduction), so a channel is kept or
+removed in every layer of the group at once. Groups without a BatchNorm (a classifier's hidden
+Linear) have no γ and are not pruned.
+
+A pruned model is saved as its pruning history (per step: the root layer's name, whether
+output channels were pruned, the channel indices; plain values), which rebuilds it from the
+unpruned model: the checkpoint key ``cfg`` holds it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from trainer.errors import ConfigError
+from trainer.models.family import Family, Unit, abs_gamma, batchnorms, check_num_classes
+
+TRACE_SIZE = 32  # the input side the dependency graph traces the model at (CIFAR)
+
+
+def graph(model: nn.Module):
+    """Torch-Pruning's dependency graph of ``model``, traced at TRACE_SIZE."""
+    example = torch.zeros(1, 3, TRACE_SIZE, TRACE_SIZE)
+    was_training = model.training
+    try:
+        with torch.enable_grad():  # the graph is traced through autograd: not under no_grad
+            return tp.DependencyGraph().build_dependency(model.eval(), example_inputs=example,
+                                                         verbose=False)
+    except Exception as exc:  # noqa: BLE001 -- any tracing failure is the model's shape
+        raise ConfigError(f"{model.arch}: Torch-Pruning cannot trace it at "
+                          f"{TRACE_SIZE}x{TRACE_SIZE} ({type(exc).__name__}: {exc}); choose a "
+                          "torchvision CNN that runs at CIFAR size") from None
+    finally:
+        model.train(was_training)
+
+
+def check_history(widths) -> list[list]:
+    """A pruning history: [layer name, output channels?, [channel indices]] per step."""
+    widths = list(widths or [])
+    for i, step in enumerate(widths):
+        ok = (isinstance(step, (list, tuple)) and len(step) == 3 and isinstance(step[0], str)
+              and isinstance(step[1], bool) and isinstance(step[2], (list, tuple))
+              and all(isinstance(j, int) and not isinstance(j, bool) and j >= 0
+                      for j in step[2]))
+        if not ok:
+            raise ValueError(f"cfg[{i}] is {step!r:.80}; expected a pruning step "
+                             "[layer name, True/False, [channel indices]]")
+    return [[s[0], s[1], list(s[2])] for s in widths]
+
+
+def _groups(model: nn.Module, dg) -> list[tuple[str, object]]:
+    """(root layer name, group) of every group of output channels with a BatchNorm in it."""
+    names = {m: n for n, m in model.named_modules()}
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]  # the classes
+    out = []
+    for group in dg.get_all_groups(ignored_layers=last, root_module_types=(nn.Conv2d,
+                                                                           nn.Linear)):
+        if any(_bn_items(dg, group)):
+            out.append((names[group[0].dep.target.module], group))
+    return out
+
+
+def _bn_items(dg, group):
+    for item in group:
+        module = item.dep.target.module
+        if isinstance(module, nn.BatchNorm2d) and dg.is_out_channel_pruning_fn(item.dep.handler):
+            yield module, item.idxs, item.root_idxs
+
+
+def _importance(dg, group, channels: int) -> torch.Tensor:
+    """Per root channel: the mean |γ| over the group's BatchNorms (inf where none reaches)."""
+    total, count = torch.zeros(channels), torch.zeros(channels)
+    for bn, idxs, roots in _bn_items(dg, group):
+        total.index_add_(0, torch.tensor(roots), abs_gamma(bn)[torch.tensor(idxs)])
+        count.index_add_(0, torch.tensor(roots), torch.ones(len(roots)))
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, torch.inf))
+
+
+class GraphFamily(Family):
+    """A family whose models are pruned through their dependency graph; a subclass says how
+    the unpruned model of an arch is made (:meth:`unpruned`)."""
+
+    def unpruned(self, arch: str, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def build(self, arch, num_classes, widths=None):
+        model = self.unpruned(arch, check_num_classes(num_classes))
+        model.arch, model.num_classes, model.widths = arch, num_classes, check_history(widths)
+        if model.widths:
+            dg = graph(model)
+            with torch.enable_grad():  # the replayed groups re-trace: not under no_grad
+                dg.load_pruning_history(copy.deepcopy(model.widths))
+        return model
+
+    def default_widths(self, arch):
+        return []
+
+    def widths_from_state(self, arch, state):
+        return []  # a file without its history: taken as unpruned (the shapes then check it)
+
+    def check_widths(self, arch, widths):
+        return check_history(widths)
+
+    def units(self, model):
+        dg = graph(model)
+        groups = _groups(model, dg)
+        grouped = {id(bn) for _, g in groups for bn, _, _ in _bn_items(dg, g)}
+        units = [Unit(name, _importance(dg, g, len(g[0].idxs)), True) for name, g in groups]
+        units += [Unit(name, abs_gamma(bn), False) for name, bn in batchnorms(model)
+                  if id(bn) not in grouped]
+        return units
+
+    def apply(self, model, masks):
+        new = copy.deepcopy(model).cpu()
+        dg = graph(new)
+        for unit, mask in zip(self.units(model), masks):
+            removed = torch.nonzero(~mask.cpu()).flatten().tolist()
+            if not unit.prunable or not removed:
+                continue
+            root = new.get_submodule(unit.name)
+            pruner = dg.get_pruner_of_module(root)
+            dg.get_pruning_group(root, pruner.prune_out_channels, removed).prune()
+        new.widths = model.widths + [[n, bool(o), [int(i) for i in idx]]
+                                     for n, o, idx in dg.pruning_history()]
+        return new
+
+    def shape(self, model, masks):
+        return self.apply(model, masks)  # the graph's pruning needs real tensors
+
+    def skeleton(self, arch, num_classes, widths):
+        return self.build(arch, num_classes, widths)  # replaying a history needs real tensors
+
+    def skeleton_of(self, model):
+        return copy.deepcopy(model).cpu()
+
+    def stage(self, arch, unit):
+        return unit.rsplit(".", 1)[0] if "." in unit else unit

@@ -1,0 +1,1 @@
+"""The slimming engine: units, thresholds, masks, budgets."""

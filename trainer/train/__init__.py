@@ -1,0 +1,1 @@
+"""The training loop, fit (epochs, checkpoints, resume), the run's runtime and processes."""
