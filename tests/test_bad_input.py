@@ -183,7 +183,7 @@ def _safetensors_with(d: Path, **changes) -> None:
 def _safetensors_wrong_widths(d: Path) -> None:
     cfg = load_checkpoint(d / "start.pth")["cfg"]
     cfg[prunable_indices()[0]] += 4  # the weights still have 4 channels
-    _safetensors_with(d, run=cfg)
+    _safetensors_with(d, cfg=cfg)
 
 
 def _seven_class_teacher(d: Path) -> None:
@@ -219,7 +219,7 @@ class Row:
     absent: str | None = None  # only meaningful where this module is not installed
 
 
-ROWS = [
+CORE_ROWS = [
     Row("ckpt-missing", "the checkpoint does not exist",
         _set(FINETUNE, "--checkpoint", "nope.pth"), r"nope\.pth does not exist"),
     Row("ckpt-folder", "the checkpoint path is a folder",
@@ -391,6 +391,14 @@ ROWS = [
         r"--device cuda but no CUDA GPU is visible on this machine; use --device cpu",
         gpu_free=True),
 ]
+
+# Rows of later work, each in its own list (issue 21: files, locks, bounds; 22: user models and
+# pretrained weights; 23: many jobs; 24: criteria and baselines).
+ROWS_FILES: list[Row] = []
+ROWS_MODELS: list[Row] = []
+ROWS_JOBS: list[Row] = []
+ROWS_CRITERIA: list[Row] = []
+ROWS = CORE_ROWS + ROWS_FILES + ROWS_MODELS + ROWS_JOBS + ROWS_CRITERIA
 
 
 def _snapshot(folder: Path) -> dict[str, str]:

@@ -283,3 +283,25 @@ def test_write_report(ckpts, tmp_path):
     assert f"{rows[1]['param_reduction_pct']:.1f}%" in text and "-6.75" in text
     assert "| 0.5 |" in text and "10.00" in text and "40.50" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "report.md"]
+
+
+def test_every_panel_title_fits_in_the_comparison_figure(tmp_path, monkeypatch):
+    """The fourth panel's title ('measured speed-up vs MAC reduction') ran past the figure's
+    right edge and was clipped in the PNG."""
+    from trainer.measure import plots
+
+    seen = {}
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (fig.tight_layout(), seen.update(
+        fig=fig, boxes=[ax.title.get_window_extent(fig.canvas.get_renderer())
+                        for ax in fig.axes]), real_save(fig, path))[-1])
+    lat = {"batches": [{"batch": b, "ms_per_batch": 1.0, "speedup": 1.5} for b in (1, 256)]}
+    rows = [{"label": name, "best_acc": 50.0, "params": p, "macs": p * 10, "latency": lat,
+             "mac_speedup": s, "baseline": i == 0}
+            for i, (name, p, s) in enumerate([("original (sparse-trained)", 2e6, 1.0),
+                                              ("pruned ratio 0.5 + fine-tuned", 1e6, 2.0),
+                                              ("pruned ratio 0.9 + fine-tuned", 2e5, 10.0)])]
+    plots.plot_comparison(rows, tmp_path / "c.png")
+    width = seen["fig"].bbox.width
+    assert len(seen["boxes"]) == 4
+    assert all(0 <= box.x0 and box.x1 <= width for box in seen["boxes"])

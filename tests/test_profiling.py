@@ -252,3 +252,20 @@ def test_measure_latency_cpu():
         assert b["ms_per_batch"] > 0
         assert b["ms_per_image"] == pytest.approx(b["ms_per_batch"] / b["batch"])
     assert_untouched(model, before)
+
+
+def test_profile_and_export_measure_a_checkpoint_at_its_trained_size(tmp_path):
+    """The demo's 16x16 checkpoints were profiled at 32x32 (4x the MACs report.md gave)."""
+    from tests.helpers import make_small_checkpoint
+    from trainer.files.export import export_checkpoint
+    from trainer.measure.profiling import profile_checkpoint
+
+    path = make_small_checkpoint(tmp_path / "s16.pth", config={"image_size": 16})
+    at16 = profile_checkpoint(path)
+    assert at16["input_size"] == 16
+    at32 = profile_checkpoint(path, 32)
+    assert at16["macs"] == profile_checkpoint(path, 16)["macs"] < at32["macs"]
+    bare = make_small_checkpoint(tmp_path / "bare.pth")  # no settings saved: CIFAR's 32
+    assert profile_checkpoint(bare)["input_size"] == 32
+    info = export_checkpoint(path, "torchscript", tmp_path / "s16.torchscript.pt")
+    assert info["input_size"] == 16

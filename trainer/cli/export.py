@@ -42,10 +42,10 @@ def export_command(
     opset: Annotated[int, typer.Option(
         "--opset", show_default=False,
         help=f"ONNX opset version (default {DEFAULT_OPSET}).")] = DEFAULT_OPSET,
-    input_size: Annotated[int, typer.Option(
+    input_size: Annotated[int | None, typer.Option(
         "--input-size", show_default=False,
-        help="Input height/width in pixels of the exported graph and the check (default 32, "
-             "CIFAR).")] = 32,
+        help="Input height/width in pixels of the exported graph and the check (default: the "
+             "image size the checkpoint was trained at, else 32).")] = None,
     json_out: Annotated[bool, typer.Option(
         "--json", show_default=False,
         help="Print one JSON object instead of the two lines (default off).")] = False,
@@ -68,14 +68,15 @@ def export_command(
     from trainer.measure.profiling import check_input_size
 
     info = export_checkpoint(checkpoint, fmt, output, batch=batch_size, opset=opset,
-                             input_size=check_input_size(input_size))
+                             input_size=None if input_size is None
+                             else check_input_size(input_size))
     if json_out:
         typer.echo(json.dumps(info))
         return
     what = {"onnx": f"ONNX opset {opset}", "torchscript": "TorchScript (torch.jit.trace)",
             "safetensors": "safetensors"}[fmt]
     typer.echo(f"exported {checkpoint} -> {info['output']} ({what}, {info['arch']}, batch "
-               f"{info['batch']}, input 3×{input_size}×{input_size}; "
+               f"{info['batch']}, input 3×{info['input_size']}×{info['input_size']}; "
                f"{info['bytes'] / 1e6:.2f} MB)")
     checker = "onnx.checker passed; " if fmt == "onnx" else ""
     typer.echo(f"checked: {checker}{info['checked_with']} on a seeded batch of "

@@ -36,9 +36,10 @@ def _parse_ints(text: str, option: str) -> list[int]:
     return values
 
 
-InputSize = Annotated[int, typer.Option(
+InputSize = Annotated[int | None, typer.Option(
     "--input-size", show_default=False,
-    help="Input height/width in pixels (default 32, CIFAR).")]
+    help="Input height/width in pixels (default: the image size the checkpoint was trained "
+         "at, else 32; compare: the baseline's).")]
 BatchSizes = Annotated[str, typer.Option(
     "--batch-sizes", show_default=False,
     help="Batch sizes timed by --latency, comma-separated (default 1,256).")]
@@ -94,7 +95,7 @@ def latency_options(device: str | None, cpu: bool, batch_sizes: str, warmup: int
 def profile_command(
     checkpoints: Annotated[list[Path], typer.Argument(
         help="Checkpoint files (.pth or .safetensors) to measure.", show_default=False)],
-    input_size: InputSize = 32,
+    input_size: InputSize = None,
     json_out: Annotated[bool, typer.Option(
         "--json", show_default=False,
         help="Print one JSON object per checkpoint per line instead of a table "
@@ -115,7 +116,7 @@ def profile_command(
     from trainer.measure.profiling import check_input_size, profile_checkpoint
     from trainer.measure.report import add_latency, render_latency_table
 
-    size = check_input_size(input_size)
+    size = None if input_size is None else check_input_size(input_size)
     opts = latency_options(device, cpu, batch_sizes, warmup, repeats, runtime) if latency \
         else None
     results = []
@@ -131,22 +132,26 @@ def profile_command(
                 typer.echo(json.dumps(info))
     if not json_out:
         console = _console()
-        console.print(_profile_table(results, size))
+        console.print(_profile_table(results))
         if opts is not None:
             console.print(render_latency_table(results, name_key="name"))
 
 
-def _profile_table(results: Sequence[Mapping[str, Any]], size: int) -> Table:
+def _profile_table(results: Sequence[Mapping[str, Any]]) -> Table:
     from trainer.measure.report import _m, _pct
 
-    table = Table(title=f"Model cost at input 1×3×{size}×{size}")
+    sizes = {r["input_size"] for r in results}
+    title = f"Model cost at input 1×3×{next(iter(sizes))}²" if len(sizes) == 1 else \
+        "Model cost (each at its input size)"
+    table = Table(title=title)
     table.add_column("checkpoint")
     table.add_column("arch")
-    for header in ("params", "params (M)", "MACs (M)", "FLOPs (M) = 2×MACs", "best test acc (%)"):
+    for header in ("input", "params", "params (M)", "MACs (M)", "FLOPs (M) = 2×MACs",
+                   "best test acc (%)"):
         table.add_column(header, justify="right", no_wrap=True)
     for r in results:
-        table.add_row(r["name"], r["arch"], f"{r['params']:,}", _m(r["params"]), _m(r["macs"]),
-                      _m(r["flops"]), _pct(r.get("best_acc")))
+        table.add_row(r["name"], r["arch"], f"{r['input_size']}²", f"{r['params']:,}",
+                      _m(r["params"]), _m(r["macs"]), _m(r["flops"]), _pct(r.get("best_acc")))
     return table
 
 
@@ -180,7 +185,7 @@ def compare_command(
         "--output", show_default=False,
         help=f"Where the comparison figure (PNG) goes (default "
              f"{COMPARE_FIGURE}).")] = COMPARE_FIGURE,
-    input_size: InputSize = 32,
+    input_size: InputSize = None,
     json_out: Annotated[bool, typer.Option(
         "--json", show_default=False,
         help="Print one JSON object {rows, figure} instead of a table "

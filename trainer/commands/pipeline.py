@@ -259,7 +259,9 @@ def finish_study(run: RunConfig, baseline: Path, rows: list[StudyRow], plots: Pa
     quick_latency(final, run.cpu)  # report.md's latency columns, the figure's speed-up panel
     figure = comparison_figure(plots, [r.tag for r in rows])
     plot_comparison(final, figure, title=f"{run.dataset}: original vs pruned + fine-tuned")
-    figures = [("comparison", figure)]
+    figures = [("comparison", figure), ("sparse training",
+                                         plot_path(run.replace(command="train", plot=None),
+                                                   baseline, plots))]
     checkpoints, gammas = [baseline], []
     for r in rounds:
         pruned, tuned = Path(r.pruned), Path(r.checkpoint)

@@ -12,9 +12,9 @@ import torch
 
 from trainer.config.archs import DEFAULT_ARCH
 from trainer.config.paths import PLOTS, input_checkpoint, output_path, plot_path
-from trainer.config.settings import RunConfig, saved_config
+from trainer.config.settings import INHERITED, RunConfig, saved_config, with_data_defaults
 from trainer.data.datasets import check_classes, dataset_classes
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, ParamError
 from trainer.files.atomic import ensure_writable
 from trainer.files.checkpoint import build_model, load_checkpoint
 from trainer.measure.plots import plot_curves
@@ -22,6 +22,7 @@ from trainer.models.build import fresh_model
 from trainer.train import dist
 from trainer.train.fit import fit
 from trainer.train.loop import make_optimizer
+from trainer.train.progress import say
 from trainer.train.runtime import (
     evaluation_loader,
     load_data,
@@ -32,6 +33,22 @@ from trainer.train.runtime import (
 )
 
 
+def inherit_data_settings(run: RunConfig, quiet: bool = False) -> RunConfig:
+    """``run`` with the data settings the command line left out (None) taken from its input
+    checkpoint's saved settings (else the defaults); says which it took."""
+    if all(getattr(run, name) is not None for name in INHERITED):
+        return run
+    src = input_checkpoint(run)
+    saved = None
+    if src and Path(src).is_file():  # else the command's own load names the problem
+        saved = load_checkpoint(src, run.arch).get("config")
+    run, taken = with_data_defaults(run, saved if isinstance(saved, dict) else None)
+    if taken and not quiet:
+        said = ", ".join(f"{ParamError.flag(n)} {getattr(run, n)}" for n in taken)
+        say(f"data as {Path(src).name} was trained: {said} (flags given win)")
+    return run
+
+
 def preflight(run: RunConfig) -> None:
     """The input checks each rank makes first, made once by the launcher before a job of
     several processes starts: a bad checkpoint or a missing dataset is then one line, with no
@@ -40,6 +57,7 @@ def preflight(run: RunConfig) -> None:
     Reads the input checkpoint (safe loader) and looks for the dataset's files without
     reading them; what only reading finds (a truncated CIFAR file) is still the ranks' to say.
     """
+    run = inherit_data_settings(run, quiet=True)
     src = input_checkpoint(run)
     ckpt = load_checkpoint(src, run.arch) if src else None
     if run.teacher and ckpt is not None:

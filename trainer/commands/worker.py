@@ -10,7 +10,7 @@ from __future__ import annotations
 from trainer.commands.evaluate import cmd_evaluate
 from trainer.commands.pipeline import run_pipeline
 from trainer.commands.prune import cmd_prune
-from trainer.commands.train import cmd_finetune, cmd_train
+from trainer.commands.train import cmd_finetune, cmd_train, inherit_data_settings
 from trainer.config.archs import with_recipe
 from trainer.config.checks import validate
 from trainer.config.settings import RunConfig
@@ -26,7 +26,7 @@ COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evalua
 
 def run_worker(run: RunConfig) -> int:
     """Run ``run.command`` in this process (one rank of a job, or the whole job)."""
-    run = with_recipe(run)
+    run = inherit_data_settings(with_recipe(run))
     validate(run)
     if run.log_with:
         check_tracker(run.log_with)

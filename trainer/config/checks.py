@@ -17,6 +17,7 @@ from trainer.config.paths import fmt_count, input_checkpoint, ratio_tag, written
 from trainer.config.settings import (
     BUDGET_KINDS,
     DATASETS,
+    INHERITED,
     LOADERS,
     MIXED_PRECISIONS,
     MODES,
@@ -82,11 +83,12 @@ def validate(run: RunConfig) -> None:
     """Refuse settings that cannot work, before anything starts or is written."""
     if run.command not in RUN_COMMANDS:
         raise ConfigError(f"unknown command {run.command!r}")
-    if run.dataset not in DATASETS:
+    if run.dataset is not None and run.dataset not in DATASETS:  # None: the checkpoint's
         raise ParamError.value("dataset", run.dataset, f" is unknown; use one of "
                                f"{', '.join(DATASETS)}", quote=True, cli_hint="; see --help")
     for param in RULES:
-        check(param, getattr(run, param))
+        if getattr(run, param) is not None or param not in INHERITED:
+            check(param, getattr(run, param))
     if run.arch is not None:
         get_arch(run.arch)
     if run.sync_bn and run.cpu:

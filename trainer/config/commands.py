@@ -14,7 +14,13 @@ from typing import Any
 from trainer.config.archs import DEFAULT_ARCH, arch_choices, recipes_text
 from trainer.config.checks import parse_count
 from trainer.config.paths import CHECKPOINTS, DENSE, LAB_CURVES, PLOTS, PRUNED, SPARSE
-from trainer.config.settings import FINETUNE_RECIPE, TRAIN_RECIPE, RunConfig
+from trainer.config.settings import (
+    FINETUNE_RECIPE,
+    INHERITED,
+    TRAIN_RECIPE,
+    RunConfig,
+    option_help,
+)
 from trainer.errors import ParamError
 
 # train/pipeline: the arch picks these (trainer.config.archs.with_recipe fills them in).
@@ -105,6 +111,11 @@ class Command:
         return self.runs or self.name
 
 
+# finetune, prune and evaluate read these from the input checkpoint's saved settings when the
+# command line leaves them out (None): a checkpoint trained on the synthetic set at 16 px is
+# fine-tuned and measured on that, not on CIFAR (trainer.config.settings.with_data_defaults).
+FROM_CHECKPOINT: dict[str, Any] = {name: None for name in INHERITED}
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "train",
@@ -127,15 +138,15 @@ COMMANDS: tuple[Command, ...] = (
     Threshold = the |γ| at position ⌊N·ratio⌋ of all N sorted channels. Writes
     checkpoints/model_prune.pth and plots/<output stem>_gamma.png.""",
             ("checkpoint", "arch", "output", *PRUNE, "batch_size", *DATA, *DEVICE),
-            {"checkpoint": str(CHECKPOINTS / SPARSE), "batch_size": 100}),
+            {"checkpoint": str(CHECKPOINTS / SPARSE), "batch_size": 100, **FROM_CHECKPOINT}),
     Command("finetune", """Fine-tune a pruned checkpoint with the lab recipe; keep the best epoch.
 
     Adam, lr 1e-3, ÷10 at 50%/75% of the epochs, FP32 forward. Writes the best checkpoint,
     its curves, a metrics CSV and a resume state.""",
             ("checkpoint", "arch", *OPTIM, *KD, *RUN, *DATA, *DEVICE),
-            dict(FINETUNE_RECIPE, checkpoint=str(CHECKPOINTS / PRUNED))),
+            dict(FINETUNE_RECIPE, checkpoint=str(CHECKPOINTS / PRUNED), **FROM_CHECKPOINT)),
     Command("evaluate", """Test loss and accuracy of a checkpoint on the chosen dataset.""",
-            ("arch", "batch_size", "json", *DATA, *DEVICE), {"batch_size": 100},
+            ("arch", "batch_size", "json", *DATA, *DEVICE), {"batch_size": 100, **FROM_CHECKPOINT},
             positional=("checkpoint",)),
     Command(
         "pipeline",
@@ -159,6 +170,9 @@ HELP_BY_COMMAND: dict[tuple[str, str], str] = {
                           f"{PLOTS}/<output stem>.png).",
     ("train", "plot"): f"Curves figure (default {PLOTS}/<output stem>.png).",
     ("evaluate", "checkpoint"): "Checkpoint (.pth) to evaluate.",
+    **{(c, name): f"{option_help(name)} (default: the input checkpoint's, else "
+                  f"{getattr(RunConfig(), name)})"
+       for c in ("prune", "finetune", "evaluate") for name in INHERITED},
     **{(c, "arch"): "Architecture of an input file that names none, e.g. the network-slimming "
                     "code's (default: what its keys show, else the lab's resnet50)."
        for c in ("prune", "finetune", "evaluate")},

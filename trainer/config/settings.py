@@ -55,6 +55,7 @@ FINETUNE_RECIPE: dict[str, Any] = {"epochs": 20, "batch_size": 100, "lr": 1e-3,
 # ---------------------------------------------------------------- declaring a setting
 
 KINDS = ("result", "recorded", "volatile", "launcher")
+PRUNING = ("prune",)  # the commands the pruning settings change the numbers of
 
 
 def _or(choices: tuple[str, ...]) -> str:
@@ -62,14 +63,15 @@ def _or(choices: tuple[str, ...]) -> str:
 
 
 def setting(default: Any, help: str, kind: str, *, cli: type | None = None,  # noqa: A002
-            option: bool = True) -> Any:
+            option: bool = True, affects: tuple[str, ...] | None = None) -> Any:
     """A RunConfig field: its default, ``--help`` text and kind (see the module docstring).
 
     ``cli``: the type the command line reads when it differs from the field's (a budget
-    arrives as text such as '4M'); ``option=False``: a field no command line sets.
+    arrives as text such as '4M'); ``option=False``: a field no command line sets;
+    ``affects``: the only commands whose numbers a result setting changes (None: all).
     """
     return field(default=default, metadata={"help": help, "kind": kind, "cli": cli,
-                                            "option": option})
+                                            "option": option, "affects": affects})
 
 
 def _arch_help() -> str:
@@ -135,14 +137,18 @@ class RunConfig:
                               "(1−α)·CE.", "result")
     kd_temperature: float = setting(4.0, "Temperature T of the distillation softmax.", "result")
     # pruning
-    ratio: float | None = setting(None, "Fraction of channels to prune, in (0, 1).", "result")
+    ratio: float | None = setting(None, "Fraction of channels to prune, in (0, 1).", "result",
+                                  affects=PRUNING)
     target_params: int | None = setting(None, "Instead of --ratio: prune to at most this many "
                                         "params (4M, 4e6 or 4000000; K/M/G suffixes): the "
-                                        "least-pruned model within it.", "result", cli=str)
+                                        "least-pruned model within it.", "result", cli=str,
+                                        affects=PRUNING)
     target_macs: int | None = setting(None, "Instead of --ratio: prune to at most this many MACs "
-                                      "(thop, at --image-size), e.g. 100M.", "result", cli=str)
+                                      "(thop, at --image-size), e.g. 100M.", "result", cli=str,
+                                      affects=PRUNING)
     round_to: int = setting(1, "Every pruned layer keeps a multiple of this many channels (at "
-                            "least that many; GPUs run 37 no faster than 64); 1 = off.", "result")
+                            "least that many; GPUs run 37 no faster than 64); 1 = off.", "result",
+                            affects=PRUNING)
     ratios: tuple[float, ...] = setting((0.5, 0.9), "Comma-separated prune ratios, each in "
                                         "(0, 1).", "recorded", cli=str)
     targets: tuple[int, ...] = setting((), "Instead of --ratios: comma-separated budgets (e.g. "
@@ -155,8 +161,10 @@ class RunConfig:
     kd: bool = setting(False, "Every fine-tune distils from the sparse model (--teacher "
                        "checkpoints/model_sparse.pth).", "recorded")
     scope: str = setting("all", f"γ values that set the threshold: {_or(SCOPES)}. all = every "
-                         "BatchNorm (the reference rule), prunable = bn1/bn2 only.", "result")
-    min_channels: int = setting(1, "Fewest channels any pruned layer keeps.", "result")
+                         "BatchNorm (the reference rule), prunable = bn1/bn2 only.", "result",
+                         affects=PRUNING)
+    min_channels: int = setting(1, "Fewest channels any pruned layer keeps.", "result",
+                                affects=PRUNING)
     eval: bool = setting(True, "Measure test accuracy before and right after pruning.",
                          "recorded")
     # pipeline
@@ -248,6 +256,14 @@ def _fields_of(kind: str) -> tuple[str, ...]:
 
 # Settings whose change alters the numbers a run produces (trainer.train.fit.resume_mismatch).
 RESULT_FIELDS = _fields_of("result")
+def result_fields(command: str) -> tuple[str, ...]:
+    """The result settings of a ``command`` run: what ``--resume`` compares (a pipeline's
+    training stage is not remade for another prune ratio)."""
+    return tuple(f.name for f in dataclasses.fields(RunConfig)
+                 if f.metadata.get("kind") == "result"
+                 and command in (f.metadata.get("affects") or (command,)))
+
+
 # Settings left out of the saved config, so a resumed run's checkpoint equals an
 # uninterrupted run's.
 VOLATILE_FIELDS = _fields_of("volatile")
@@ -273,6 +289,28 @@ def option_type(name: str) -> Any:
 def option_names() -> tuple[str, ...]:
     """Every setting a command line can set."""
     return tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata["option"])
+
+
+# The data settings a command that reads a checkpoint takes from the checkpoint's saved
+# settings when the command line leaves them out (None).
+INHERITED = ("dataset", "data_dir", "image_size", "synthetic_train", "synthetic_test")
+
+
+def with_data_defaults(run: RunConfig, saved: dict[str, Any] | None) -> tuple[RunConfig, list]:
+    """``run`` with each INHERITED setting left at None taken from ``saved`` (a checkpoint's
+    settings), else RunConfig's default; and the names taken from ``saved``."""
+    saved = saved or {}
+    values, taken = {}, []
+    for name in INHERITED:
+        if getattr(run, name) is not None:
+            continue
+        kind = type(getattr(RunConfig(), name))
+        if isinstance(saved.get(name), kind) and not isinstance(saved.get(name), bool):
+            values[name] = saved[name]
+            taken.append(name)
+        else:
+            values[name] = getattr(RunConfig(), name)
+    return run.replace(**values), taken
 
 
 def saved_config(run: RunConfig) -> dict[str, Any]:

@@ -257,6 +257,17 @@ def build_model(ckpt: Mapping[str, Any]) -> nn.Module:
     return model
 
 
+DEFAULT_INPUT_SIZE = 32  # CIFAR: the size of a file that records none
+
+
+def trained_input_size(ckpt: Mapping[str, Any]) -> int:
+    """The image side a checkpoint's model was trained at (its saved ``image_size``), else 32:
+    what profile, compare and export measure it at unless told otherwise."""
+    size = (ckpt.get("config") or {}).get("image_size")
+    ok = isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= 4096
+    return size if ok else DEFAULT_INPUT_SIZE
+
+
 def summarize_history(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     """best_acc / best_epoch / epochs of a checkpoint's history (None when absent)."""
     hist = ckpt.get("history") or {}

@@ -43,7 +43,12 @@ from trainer.config.exports import (
 )
 from trainer.errors import UserError
 from trainer.files.atomic import atomic_path
-from trainer.files.checkpoint import build_model, load_checkpoint, make_checkpoint
+from trainer.files.checkpoint import (
+    build_model,
+    load_checkpoint,
+    make_checkpoint,
+    trained_input_size,
+)
 from trainer.files.safetensors_io import save_safetensors
 
 
@@ -195,7 +200,7 @@ CHECKS = {"onnx": _check_onnx, "torchscript": _check_torchscript,
 
 def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.PathLike | None
                       = None, *, batch: int | None = None, opset: int = DEFAULT_OPSET,
-                      input_size: int = 32) -> dict[str, Any]:
+                      input_size: int | None = None) -> dict[str, Any]:
     """Export ``checkpoint`` as ``fmt``, check it, and move it into place; returns what was done.
 
     ``batch`` None: a dynamic batch axis (ONNX), checked on ``CHECK_BATCH`` images; else the
@@ -208,6 +213,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.
         check_opset(opset)
     out = resolve_output(checkpoint, fmt, output)
     ckpt = load_checkpoint(checkpoint)
+    if input_size is None:  # the size it was trained at
+        input_size = trained_input_size(ckpt)
     model = build_model(ckpt).eval()
     x = seeded_batch(batch or CHECK_BATCH, input_size)
     try:

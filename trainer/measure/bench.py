@@ -158,14 +158,14 @@ def model_limit_case(model: nn.Module, run: RunConfig, device: torch.device, ste
     optimizer = make_optimizer(m, run)
     x, y = _batch(run, device, run.batch_size, model.num_classes)
 
-    def run(_round: int) -> None:
+    def one_round(_round: int) -> None:
         for _ in range(steps):
             loss = F.cross_entropy(m(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
-    return Case(name, run, steps * run.batch_size)
+    return Case(name, one_round, steps * run.batch_size)
 
 
 def loop_case(model: nn.Module, run: RunConfig, accelerator, data, kind: str,
@@ -176,11 +176,11 @@ def loop_case(model: nn.Module, run: RunConfig, accelerator, data, kind: str,
     optimizer = make_optimizer(m, run)
     m, optimizer = prepare_model(m, run, accelerator, optimizer)
 
-    def run(epoch: int) -> None:
+    def one_round(epoch: int) -> None:
         loader.set_epoch(epoch)
         train_one_epoch(m, loader, optimizer, accelerator=accelerator, run=run, epoch=epoch)
 
-    return Case(name or f"loop_{kind}", run, loader.num_samples * accelerator.num_processes)
+    return Case(name or f"loop_{kind}", one_round, loader.num_samples * accelerator.num_processes)
 
 
 def inference_case(model: nn.Module, run: RunConfig, device: torch.device, steps: int,
@@ -190,11 +190,11 @@ def inference_case(model: nn.Module, run: RunConfig, device: torch.device, steps
     x, _ = _batch(run, device, run.batch_size, model.num_classes)
 
     @torch.no_grad()
-    def run(_round: int) -> None:
+    def one_round(_round: int) -> None:
         for _ in range(steps):
             m(x)
 
-    return Case(name, run, steps * run.batch_size)
+    return Case(name, one_round, steps * run.batch_size)
 
 
 # ---------------------------------------------------------------- one bench run

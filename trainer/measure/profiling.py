@@ -1,4 +1,4 @@
-"""Parameter, MAC/FLOP and latency measurements of a (pruned) ResNet-50.
+"""Parameter, MAC/FLOP and latency measurements of a (pruned) model.
 
 Units, stated once and used everywhere: **MACs** are multiply-accumulates, the number the
 lab and most pruning papers call "FLOPs"; **FLOPs** here are 2 x MACs (one multiply plus
@@ -30,7 +30,12 @@ from torch import nn
 
 from trainer.config.settings import DEVICES, RUNTIMES
 from trainer.errors import UserError
-from trainer.files.checkpoint import build_model, load_checkpoint, summarize_history
+from trainer.files.checkpoint import (
+    build_model,
+    load_checkpoint,
+    summarize_history,
+    trained_input_size,
+)
 from trainer.files.export import INPUT_NAME, export_onnx, onnx_session
 from trainer.models.family import unwrap_model
 
@@ -87,14 +92,15 @@ def profile_model(model: nn.Module, input_size: int = 32, batch: int = 1) -> dic
     return {"params": int(params), "macs": macs, "flops": 2 * macs, "input_size": size}
 
 
-def profile_checkpoint(path: str | os.PathLike, input_size: int = 32) -> dict[str, Any]:
-    """Profile the model a checkpoint file describes (see :func:`profile_model`).
+def profile_checkpoint(path: str | os.PathLike, input_size: int | None = None) -> dict[str, Any]:
+    """Profile the model a checkpoint file describes (see :func:`profile_model`), at
+    ``input_size`` (None: the size it was trained at, else 32).
 
     Adds ``name`` (file stem), ``path`` and, when the checkpoint records one, ``best_acc``
     (best test accuracy in %). Raises CheckpointError for unusable files.
     """
-    size = check_input_size(input_size)
     ckpt = load_checkpoint(path)
+    size = check_input_size(trained_input_size(ckpt) if input_size is None else input_size)
     model = build_model(ckpt)
     out: dict[str, Any] = {"name": Path(path).stem, "path": str(path), "arch": ckpt["arch"]}
     out.update(profile_model(model, size))

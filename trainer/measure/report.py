@@ -58,17 +58,19 @@ def _reduction(value: float, base: float) -> float | None:
 
 
 def compare_rows(paths: list[str], labels: list[str] | None = None, baseline: str | None = None,
-                 input_size: int = 32) -> list[dict[str, Any]]:
-    """Profile checkpoints and compare each with the baseline (given, else the first).
+                 input_size: int | None = None) -> list[dict[str, Any]]:
+    """Profile checkpoints and compare each with the baseline (given, else the first), all at
+    ``input_size`` (None: the size the baseline was trained at, else 32).
 
     Returns one dict per checkpoint, baseline first with ``baseline=True``: label, path,
     params, macs, flops, input_size, best_acc (or None), param_reduction_pct,
     mac_reduction_pct (% smaller than the baseline) and acc_delta (points, or None).
     """
-    size = check_input_size(input_size)
+    size = None if input_size is None else check_input_size(input_size)
     rows = []
     for i, (path, label) in enumerate(_order(paths, labels, baseline)):
         info = profile_checkpoint(path, size)
+        size = info["input_size"]  # the baseline's, for every other row
         rows.append({"label": label, "path": path, "arch": info["arch"], "params": info["params"],
                      "macs": info["macs"], "flops": info["flops"], "input_size": size,
                      "best_acc": info.get("best_acc"), "baseline": i == 0})

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from trainer.config.paths import run_paths
-from trainer.config.settings import RESULT_FIELDS, RunConfig, saved_config
+from trainer.config.settings import RunConfig, result_fields, saved_config
 from trainer.data.gpu_loader import derive_seed
 from trainer.errors import CheckpointError, ConfigError, StopRequested, TrainingError
 from trainer.files.atomic import atomic_path
@@ -64,7 +64,7 @@ RESUME_KEYS = ("model", "optimizer", "epoch", "best_acc", "best_epoch", "history
 def resume_mismatch(saved: dict[str, Any], run: RunConfig) -> list[str]:
     """Result-changing settings that differ between a resume state and this run."""
     now = run.to_dict()
-    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in RESULT_FIELDS
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in result_fields(run.command)
             if k in saved and not _same_setting(k, saved.get(k), now.get(k))]
 
 
