@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from trainer.config.settings import MIXED_PRECISIONS, MODES, RunConfig, worker_fields
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, shown
 from trainer.files.atomic import atomic_write_text
 
 LAUNCH_MODULE = "accelerate.commands.launch"
@@ -38,11 +38,11 @@ def parse_gpu_ids(value: object, flag: str = "--gpu-ids",
         return None
     parts = [p.strip() for p in str(value).split(",")]
     if isinstance(value, bool) or not all(p.isdigit() for p in parts):
-        raise ConfigError(f"{flag} {value!r} is not a list of GPU numbers; write them "
+        raise ConfigError(f"{flag} {shown(value)} is not a list of GPU numbers; write them "
                           f"comma-separated, {example}")
     ids = [int(p) for p in parts]
     if len(set(ids)) != len(ids):
-        raise ConfigError(f"{flag} {value!r} names a GPU twice; list each GPU once")
+        raise ConfigError(f"{flag} {shown(value)} names a GPU twice; list each GPU once")
     return ids
 
 

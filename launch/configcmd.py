@@ -17,7 +17,9 @@ from typing import Annotated, Any
 import typer
 
 from launch.accelerate_config import build_accelerate_config, parse_gpu_ids, write_config
+from trainer.config.checks import check_path_length
 from trainer.errors import ConfigError
+from trainer.files.atomic import refuse_replacing_checkpoint, refuse_special
 
 CONFIG_DIR = Path("configs/accelerate")
 # build_accelerate_config's defaults, left out of the regenerate line in each file's header.
@@ -79,6 +81,9 @@ def write_named_config(settings: dict[str, Any], output: Path | None = None) -> 
     """Build the config for ``settings`` and write it (default: CONFIG_DIR/<derived name>)."""
     config = build_accelerate_config(**settings)
     path = output if output is not None else CONFIG_DIR / default_config_name(**settings)
+    check_path_length("--output", path)
+    refuse_special(path, "--output")
+    refuse_replacing_checkpoint(path, "--output")  # a YAML file never takes a checkpoint's place
     header = f"Accelerate config written by: {command_line(settings)}"
     try:
         return write_config(config, path, header=header)

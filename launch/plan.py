@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shlex
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ from launch.accelerate_config import (
     worker_argv,
     write_config,
 )
+from launch.machine import check_machine, count_gpus, free_port
+from launch.machine import cores as machine_cores
 from launch.user_config import (
     check_user_machine,
     load_user_config,
@@ -37,9 +38,10 @@ from launch.user_config import (
 from trainer.config.archs import with_recipe
 from trainer.config.checks import check_batch_split, validate
 from trainer.config.commands import accepted
-from trainer.config.paths import CHECKPOINTS, output_path
+from trainer.config.paths import CHECKPOINTS, lock_file, output_path
 from trainer.config.settings import RunConfig
 from trainer.errors import ConfigError
+from trainer.files.lock import BOTH, LAUNCHER_ENV, WRITER, OutputLock
 
 
 @dataclass
@@ -63,6 +65,10 @@ def dispatch(run: RunConfig) -> int:
     """Run ``run`` in this process or as an ``accelerate launch`` job; return the exit code."""
     run = with_recipe(run)  # the workers get the arch's recipe spelled out
     validate(run)  # refuse bad settings before any process starts or file is written
+    if run.command == "pipeline" and (run.jobs or run.gpus_per_job or run.slurm):
+        from launch.study import run_study  # a study as many jobs (launch.pool, launch.slurm)
+
+        return run_study(run)
     plan = plan_launch(run)
     if plan.note:
         print(plan.note, file=sys.stderr)
@@ -75,22 +81,42 @@ def dispatch(run: RunConfig) -> int:
         return run_worker(plan.run)
     from launch.supervise import local_ranks, run_job
     from trainer.commands.train import preflight
+    from trainer.commands.worker import check_outputs
+    from trainer.files.atomic import remove_empty_made
     from trainer.train.runtime import check_tracker
 
     if run.log_with:
         check_tracker(run.log_with)
     preflight(plan.run)  # bad input: one line here, not one per rank after torchrun's report
-    if plan.write:
-        try:
-            write_config(plan.config, plan.config_path)
-        except OSError as exc:
-            raise ConfigError(f"cannot write the Accelerate config {plan.config_path} "
-                              f"({exc.strerror or exc}); pick a writable --output/--workdir "
-                              "folder or pass --accelerate-config FILE") from None
-    argv = plan.argv
-    if needs_own_port(plan.config):
-        argv = with_port(argv, free_port())
-    return run_job(argv, os.environ | plan.env, ranks=local_ranks(plan.config))
+    lock = _lock_outputs(plan.run)
+    try:
+        check_outputs(plan.run)
+        if plan.write:
+            try:
+                write_config(plan.config, plan.config_path)
+            except OSError as exc:
+                raise ConfigError(f"cannot write the Accelerate config {plan.config_path} "
+                                  f"({exc.strerror or exc}); pick a writable --output/--workdir "
+                                  "folder or pass --accelerate-config FILE") from None
+        argv = plan.argv
+        if needs_own_port(plan.config):
+            argv = with_port(argv, own_port(plan.run))
+        env = os.environ | plan.env
+        if lock is not None:  # the job's rank 0 takes the writer's part of the lock
+            lock.hand_over(WRITER)
+            env = env | {LAUNCHER_ENV: str(lock.path)}
+        return run_job(argv, env, ranks=local_ranks(plan.config))
+    finally:
+        if lock is not None:
+            lock.release()
+        remove_empty_made()
+
+
+def _lock_outputs(run: RunConfig):
+    """The lock on the job's outputs (trainer.files.lock), held by the launcher for the job's
+    whole life: a second run on them is refused before any process starts."""
+    found = lock_file(run)
+    return None if found is None else OutputLock(found[1], found[0]).acquire(BOTH)
 
 
 def needs_own_port(config: dict) -> bool:
@@ -105,17 +131,17 @@ def needs_own_port(config: dict) -> bool:
             and not config.get("main_process_port"))
 
 
+def own_port(run: RunConfig) -> int:
+    """The rendezvous port of a one-machine job: --main-process-port when it is not the
+    default (the pool gives each of its jobs one), else a free port."""
+    default = RunConfig.__dataclass_fields__["main_process_port"].default
+    return run.main_process_port if run.main_process_port != default else free_port()
+
+
 def with_port(argv: list[str], port: int) -> list[str]:
     """``argv`` (an ``accelerate launch`` command) with ``--main_process_port port``."""
     at = argv.index("--config_file") + 2
     return [*argv[:at], "--main_process_port", str(port), *argv[at:]]
-
-
-def free_port() -> int:
-    """A TCP port no socket on this machine is bound to right now."""
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def plan_launch(run: RunConfig, visible_gpus: int | None = None,
@@ -144,7 +170,10 @@ def plan_launch(run: RunConfig, visible_gpus: int | None = None,
         machine_rank=run.machine_rank, main_process_ip=run.main_process_ip,
         main_process_port=run.main_process_port)
     if not run.cpu and not run.dry_run:  # --dry-run previews a layout for any machine
-        _check_machine(gpus, ids, visible)
+        check_machine(gpus, ids, visible)
+    if run.cpu and not run.dry_run:
+        check_cpu_processes(config, f"--gpus {gpus} with --cpu", "use e.g. --gpus {cores} (one "
+                            "per core)")
     if process_count(config) == 1 and config.get("gpu_ids", "all") in ("all", "0"):
         return LaunchPlan(run)
     _check_batches(run, config)
@@ -164,9 +193,26 @@ def _user_config_plan(run: RunConfig, visible_gpus: int | None,
     if not run.cpu and config.get("use_cpu") is not True and not run.dry_run:
         visible = count_gpus(False, environ) if visible_gpus is None else visible_gpus
         check_user_machine(config, path, visible, environ.get("CUDA_VISIBLE_DEVICES"))
+    if (run.cpu or config.get("use_cpu") is True) and not run.dry_run:
+        check_cpu_processes(config, f"--accelerate-config {path}",
+                            "write e.g. num_processes: {cores} (one per core)")
     run = run.replace(**settings_from_config(config))
     _check_batches(run, config)
     return _subprocess_plan(run, config, path, False, environ)
+
+
+PER_CORE = 4  # CPU processes a core may carry: beyond that each rank only crawls
+
+
+def check_cpu_processes(config: dict, what: str, fix: str) -> None:
+    """A CPU job starts at most PER_CORE processes per core of this machine: each is a whole
+    interpreter with torch, and a hundred thousand would exhaust the machine."""
+    local = process_count(config) // max(int(config.get("num_machines", 1)), 1)
+    cores = machine_cores()
+    if local > PER_CORE * cores:
+        raise ConfigError(f"{what} starts {local:,} CPU processes, more than this machine's "
+                          f"{cores} CPU cores can run (at most {PER_CORE * cores}, {PER_CORE} per "
+                          f"core); {fix.format(cores=cores)}")
 
 
 def _check_batches(run: RunConfig, config: dict) -> None:
@@ -213,34 +259,6 @@ def default_config_path(run: RunConfig, config: dict) -> Path:
         name += f"_node{config.get('machine_rank', 0)}"
     return folder / f"{name}.yaml"
 
-
-def count_gpus(dry_run: bool, environ: dict[str, str]) -> int:
-    """CUDA GPUs this process can use. ``--dry-run`` counts them without importing torch: the
-    NVIDIA driver's /proc entries, narrowed by CUDA_VISIBLE_DEVICES."""
-    if not dry_run:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    try:
-        present = len(os.listdir("/proc/driver/nvidia/gpus"))
-    except OSError:
-        return 0
-    listed = environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is None:
-        return present
-    return min(present, len([v for v in listed.split(",") if v.strip()]))
-
-
-def _check_machine(gpus: int, ids: list[int] | None, visible: int) -> None:
-    if visible == 0:
-        raise ConfigError(f"--gpus {gpus} but no CUDA GPU is visible on this machine; "
-                          "add --cpu to run on the CPU")
-    if ids and max(ids) >= visible:
-        raise ConfigError(f"--gpu-ids {','.join(map(str, ids))} but only {visible} GPUs are "
-                          f"visible (ids 0..{visible - 1}); pick ids below {visible}")
-    if gpus > visible:
-        raise ConfigError(f"--gpus {gpus} but only {visible} GPUs are visible; "
-                          f"use --gpus {visible} or fewer")
 
 
 def _require_accelerate() -> None:

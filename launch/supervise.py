@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from launch.accelerate_config import process_count
-from trainer.errors import UserError
+from trainer.errors import HardStop, UserError
 from trainer.train.dist import FAILURE_DIR_ENV, is_consequence, is_stop
 
 STOP_WAIT_S = 120.0  # how long to wait for workers to save and exit after a forwarded signal
@@ -36,20 +36,94 @@ def local_ranks(config: dict) -> range:
 
 
 def run_job(argv: list[str], env: dict[str, str], ranks: range | None = None) -> int:
-    """Run the launch command (no shell); forward SIGINT/SIGTERM; report failed ranks.
+    """Run the launch command (no shell); forward SIGINT/SIGTERM; report failed ranks; end
+    any rank the job leaves behind.
 
     ``ranks``: the global ranks started here; one that fails without writing a report (killed
     by SIGKILL or the out-of-memory killer) is then named instead of a peer that lost it.
     """
     failure_dir = Path(tempfile.mkdtemp(prefix="slimtune-failures-"))
+    marker = f"{FAILURE_DIR_ENV}={failure_dir}"  # in the environment of every process of the job
     try:
-        code, signum, relay = _run_forwarding_signals(
+        code, signum, relay, hard = _run_forwarding_signals(
             argv, {**env, FAILURE_DIR_ENV: str(failure_dir)})
-        one = code != 0 and one_user_error(read_failures(failure_dir), signum, ranks)
-        relay.finish(show_held=not one)  # torchrun's report only repeats what every rank said
-        return _report(code, signum, failure_dir, ranks) if code != 0 else 0
+        strays = end_strays(marker)
+        reports = read_failures(failure_dir)
+        # torchrun's own report (its elastic log and ChildFailedError) only repeats what the
+        # ranks said: shown only when no rank said anything
+        quiet = code == 0 or bool(reports) or bool(strays) or signum is not None
+        relay.finish(show_held=not quiet)
+        if code != 0 and strays and signum is None:
+            return _report_lost_agent(code, strays, reports)
+        return _report(code, signum, failure_dir, ranks, hard) if code != 0 else 0
     finally:
         shutil.rmtree(failure_dir, ignore_errors=True)
+
+
+STRAY_GRACE_S = 5.0  # a rank left by a dead agent stops at its next step, else is killed
+
+
+def end_strays(marker: str) -> list[int]:
+    """End what is left of a job once its ``accelerate launch`` process is gone: torchrun starts
+    each rank in a session of its own, so when that process dies (SIGKILL, the out-of-memory
+    killer) its ranks live on, reparented, still training and writing the outputs. They are
+    found by ``marker`` (an ``ENV=value`` only this job's processes have), SIGTERMed (they stop
+    at the next step and report it), and SIGKILLed after STRAY_GRACE_S. Returns their pids."""
+    found = _job_processes(marker)
+    ranks = [pid for pid, ranked in found.items() if ranked]
+    for pid in ranks:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STRAY_GRACE_S
+    while ranks and time.monotonic() < deadline and any(_alive(p) for p in ranks):
+        time.sleep(0.1)
+    for pid in _job_processes(marker):
+        _signal(pid, signal.SIGKILL)
+    return sorted(ranks or found)
+
+
+def _job_processes(marker: str) -> dict[int, bool]:
+    """{pid: is a rank} of the live processes whose environment holds ``marker``."""
+    needle, found = marker.encode(), {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in environ and _alive(int(entry.name)):
+            found[int(entry.name)] = any(e.startswith(b"LOCAL_RANK=") for e in environ)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _report_lost_agent(code: int, strays: list[int], reports) -> int:
+    """The job's agent died (not a rank): say so last; the ranks' own stop lines before it."""
+    for rank, message, _ in reports:
+        print(f"rank {rank} {message}" if is_stop(message) else
+              f"error: rank {rank} failed: {message}", file=sys.stderr)
+    how = f"killed by {signal.Signals(code - 128).name}" if code > 128 else f"exit code {code}"
+    print(f"error: the job's accelerate launch process ended ({how}) while its ranks ran; "
+          f"they were stopped (pids {', '.join(map(str, strays))}); add --resume to continue "
+          "from the last finished epoch", file=sys.stderr)
+    return code
 
 
 class _StderrRelay:
@@ -105,29 +179,35 @@ class _StderrRelay:
 
 def one_user_error(reports: list[tuple[int, str, int | None]], signum: int | None,
                    ranks: range | None) -> str | None:
-    """The message when every rank started here reported the same bad input (exit code 2):
-    the ranks check their input alike, and the user should read it once."""
-    if signum is not None or not reports or len({m for _, m, _ in reports}) != 1:
+    """The message when the job failed on bad input (exit code 2) and nothing else: every
+    rank that reported a cause reported that one (the ranks check their input alike, or one
+    rank read the bad file), every other rank only lost it or was stopped, and every rank
+    started here reported. The user should read it once, as in one process."""
+    if signum is not None or not reports:
         return None
-    if any(c != UserError.exit_code for _, _, c in reports):
+    roots = [r for r in reports if not is_consequence(r[1])]
+    if not roots or len({m for _, m, _ in roots}) != 1:
         return None
-    if not ranks or not set(ranks) <= {r for r, _, _ in reports}:  # one rank failed alone
+    if any(c != UserError.exit_code for _, _, c in roots):
         return None
-    return reports[0][1]
+    if not ranks or not set(ranks) <= {r for r, _, _ in reports}:  # a rank died without a word
+        return None
+    return roots[0][1]
 
 
-def _run_forwarding_signals(argv: list[str],
-                            env: dict[str, str]) -> tuple[int, int | None, _StderrRelay]:
+def _run_forwarding_signals(argv: list[str], env: dict[str, str]
+                            ) -> tuple[int, int | None, _StderrRelay, bool]:
     """Start ``argv`` in its own process group; pass SIGINT/SIGTERM on to that whole group.
 
     Own group: a terminal Ctrl-C then reaches the job once (through us), not twice. Returns the
-    exit code (128 + signal for a signal death), the last signal forwarded, if any, and the
-    _StderrRelay the job's stderr goes through.
+    exit code (128 + signal for a signal death), the last signal forwarded, if any, the
+    _StderrRelay the job's stderr goes through, and whether a second Ctrl-C came.
     """
-    state: dict = {"proc": None, "signum": None}
+    state: dict = {"proc": None, "signum": None, "interrupts": 0}
 
     def forward(signum, _frame):
         state["signum"] = signum
+        state["interrupts"] += signum == signal.SIGINT
         if state["proc"] is not None:
             _killpg(state["proc"].pid, signum)
 
@@ -148,7 +228,8 @@ def _run_forwarding_signals(argv: list[str],
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-    return (128 - code if code < 0 else code), state["signum"], relay
+    hard = state["interrupts"] > 1  # a second Ctrl-C: the ranks stopped hard (HardStop)
+    return (128 - code if code < 0 else code), state["signum"], relay, hard
 
 
 def _end_with_launcher():
@@ -225,7 +306,8 @@ def read_failures(failure_dir: Path) -> list[tuple[int, str, int | None]]:
     return sorted(failures)
 
 
-def _report(code: int, signum: int | None, failure_dir: Path, ranks: range | None = None) -> int:
+def _report(code: int, signum: int | None, failure_dir: Path, ranks: range | None = None,
+            hard: bool = False) -> int:
     """Print a summary, then how the ranks ended, root cause last; pick the exit code."""
     reports = read_failures(failure_dir)
     message = one_user_error(reports, signum, ranks)
@@ -233,9 +315,13 @@ def _report(code: int, signum: int | None, failure_dir: Path, ranks: range | Non
         print(f"error: {message}", file=sys.stderr)
         return UserError.exit_code
     if signum is not None:  # the launcher passed the signal on: one line says it all
-        reports = [r for r in reports if not is_stop(r[1])]
+        reports = [r for r in reports if not is_stop(r[1]) and r[1] != HardStop.MESSAGE]
     silent = _silent_ranks(reports, ranks) if signum is None else []
-    if signum is not None:
+    if signum is not None and hard:
+        print(f"stopped hard by a second Ctrl-C; the job exited with code {code} (the epoch in "
+              "progress is lost; --resume continues from the last finished epoch)",
+              file=sys.stderr)
+    elif signum is not None:
         print(f"stopped by {signal.Signals(signum).name}; the job exited with code {code}",
               file=sys.stderr)
     elif not reports:

@@ -13,7 +13,7 @@ import yaml
 
 from launch.accelerate_config import parse_gpu_ids, process_count
 from trainer.config.settings import MIXED_PRECISIONS
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, cut, shown
 
 
 def settings_from_config(config: dict) -> dict[str, str]:
@@ -27,20 +27,52 @@ def settings_from_config(config: dict) -> dict[str, str]:
             "mixed_precision": "no" if precision in (False, None) else str(precision).lower()}
 
 
+MAX_CONFIG_BYTES = 1 << 20  # an Accelerate config is a few hundred bytes
+
+
+class _AliasFound(Exception):
+    def __init__(self, anchor: str, line: int) -> None:
+        super().__init__(anchor)
+        self.anchor, self.line = anchor, line
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` without aliases: ``*name`` repeats a node, and nested repeats grow
+    exponentially (a 363-byte file made a 2 GB value, and a 2 GB error line)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasFound(event.anchor, event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
 def load_user_config(path: Path) -> dict:
     """Read a user's Accelerate config (YAML or JSON); ConfigError on anything unusable."""
     fix = "fix it or write one with: python -m launch config --gpus N"
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"cannot read --accelerate-config {path}: {reason}; {fix}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--accelerate-config {path} is over {MAX_CONFIG_BYTES:,} bytes; an "
+                          f"Accelerate config is a few hundred: {fix}")
+    loader = _NoAliasLoader(text)  # what yaml.safe_load does, with this loader
     try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        config = loader.get_single_data()
+    except _AliasFound as alias:
+        raise ConfigError(f"--accelerate-config {path} uses a YAML alias "
+                          f"(*{cut(alias.anchor, 60)} on line {alias.line}), which slimtune "
+                          "does not expand; write the value out") from None
+    except (yaml.YAMLError, RecursionError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise ConfigError(f"--accelerate-config {path} is not valid YAML{where}; {fix}") from None
+    finally:
+        loader.dispose()
     if not isinstance(config, dict):
         raise ConfigError(f"--accelerate-config {path} is not a mapping of settings; {fix}")
     if "distributed_type" not in config:
@@ -67,7 +99,7 @@ def _check_user_kind(kind, where: str) -> None:
         raise ConfigError(f"{where} distributed_type: NO reads as false in YAML; quote it: "
                           "distributed_type: 'NO'")
     if kind not in USER_DISTRIBUTED_TYPES:
-        raise ConfigError(f"{where} distributed_type {kind!r} is not supported; use 'NO' (one "
+        raise ConfigError(f"{where} distributed_type {shown(kind)} is not supported; use 'NO' (one "
                           "process, or DataParallel over several gpu_ids) or MULTI_GPU (DDP; "
                           "add use_cpu: true for CPU processes)")
 
@@ -85,11 +117,11 @@ def _check_user_machines(config: dict, where: str) -> None:
     """num_machines, machine_rank, their split of num_processes, the main machine's address."""
     machines = _user_int(config, "num_machines", 1, 1)
     if machines is None:
-        raise ConfigError(f"{where} num_machines {config['num_machines']!r} is not allowed; "
+        raise ConfigError(f"{where} num_machines {shown(config['num_machines'])} is not allowed; "
                           "use a whole number >= 1 (1 for one machine)")
     if _user_int(config, "machine_rank", 0, 0, machines - 1) is None:
-        raise ConfigError(f"{where} machine_rank {config['machine_rank']!r} is not allowed for "
-                          f"num_machines {machines}; use 0 .. {machines - 1} (0 = main)")
+        raise ConfigError(f"{where} machine_rank {shown(config['machine_rank'])} is not allowed "
+                          f"for num_machines {machines}; use 0 .. {machines - 1} (0 = main)")
     total = process_count(config)
     if config["distributed_type"] == "MULTI_GPU" and total % machines:
         raise ConfigError(f"{where} num_processes {total} does not split evenly over "
@@ -100,7 +132,7 @@ def _check_user_machines(config: dict, where: str) -> None:
                           "address of the machine_rank 0 machine")
     port = config.get("main_process_port")
     if port is not None and _user_int(config, "main_process_port", 0, 1, 65535) is None:
-        raise ConfigError(f"{where} main_process_port {port!r} is not a TCP port; use a free "
+        raise ConfigError(f"{where} main_process_port {shown(port)} is not a TCP port; use a free "
                           "port in 1..65535 (e.g. 29500) or leave it out")
 
 
@@ -109,10 +141,10 @@ def _check_user_values(config: dict, where: str) -> None:
     Accelerate read."""
     precision = config.get("mixed_precision")
     if precision not in (None, False) and precision not in MIXED_PRECISIONS:
-        raise ConfigError(f"{where} mixed_precision {precision!r} is not supported; use "
+        raise ConfigError(f"{where} mixed_precision {shown(precision)} is not supported; use "
                           f"{', '.join(repr(p) for p in MIXED_PRECISIONS)} (quote 'no')")
     if not isinstance(config.get("use_cpu", False), bool):
-        raise ConfigError(f"{where} use_cpu {config['use_cpu']!r} is not allowed; use true "
+        raise ConfigError(f"{where} use_cpu {shown(config['use_cpu'])} is not allowed; use true "
                           "(CPU processes) or false (GPUs)")
     ids = user_gpu_ids(config, where)
     local = process_count(config) // _user_int(config, "num_machines", 1, 1)
@@ -129,7 +161,7 @@ def user_gpu_ids(config: dict, where: str) -> list[int] | None:
 
 
 def _ids_text(ids: list[int]) -> str:
-    return ",".join(map(str, ids))
+    return cut(",".join(map(str, ids)), 60)
 
 
 def check_user_machine(config: dict, path: Path, visible: int,

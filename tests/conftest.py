@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.fakedata import write_fake_cifar10
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: torch's default of one thread per core in each made four
+    # threads fight over two (issue 20, section 7). The CLI's subprocesses get
+    # OMP_NUM_THREADS=1 from tests.helpers.cli_env, in-process runs this count.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

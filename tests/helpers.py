@@ -1,11 +1,10 @@
-"""Test helpers: tiny checkpoints and running the real CLI in a subprocess."""
+"""Test helpers: tiny checkpoints and running the real CLI (in this process or a new one)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import torch
@@ -53,33 +52,32 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-_server = None
-_server_lock = threading.Lock()  # the bad-input table runs rows from several threads
-
-
 def run_cli(*args: str, cwd: Path, module: str = "launch", timeout: float = 300,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``python -m launch ARGS`` (or another module) in ``cwd``; captures text output.
+            env: dict[str, str] | None = None,
+            process: bool = False) -> subprocess.CompletedProcess:
+    """``python -m launch ARGS`` (or ``python -m trainer``) in ``cwd``: its exit code and text
+    output, as ``subprocess.run(..., capture_output=True, text=True)`` gives them.
 
-    A run in the CLI's usual environment is a fork of a server that has imported torch and
-    slimtune once (tests/_zygote.py); any other environment (fault injection included) gets a
-    fresh interpreter, as does every run when SLIMTUNE_TEST_NO_FORK=1.
+    It runs in this process (tests/_inprocess.py: output captured, process state restored)
+    unless a real process is the point: ``process=True`` (signals, end-to-end runs), fault
+    injection (``env`` with FAULT_VARS: tests/_inject patches modules as a fresh interpreter
+    imports them), a module other than the CLI's, or a rank's environment (``WORLD_SIZE`` > 1).
+    ``timeout`` bounds a subprocess; an in-process run is bounded by pytest-timeout.
     """
-    global _server
     env = env or cli_env()
     argv = list(map(str, args))
-    if env == cli_env() and os.environ.get("SLIMTUNE_TEST_NO_FORK") != "1":
-        from tests._zygote import Server
+    if not process and not needs_process(module, env):
+        from tests._inprocess import run_in_process
 
-        with _server_lock:
-            if _server is None or not _server.serves(env):
-                if _server is not None:
-                    _server.close()
-                _server = Server(env)
-            server = _server
-        return server.run(argv, module, cwd, env, timeout)
+        return run_in_process(argv, module, Path(cwd), env)
     return subprocess.run([sys.executable, "-m", module, *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def needs_process(module: str, env: dict[str, str]) -> bool:
+    """True when ``python -m module`` in ``env`` cannot run in the test process."""
+    return (module not in ("launch", "trainer") or bool(set(env) & set(FAULT_VARS))
+            or env.get("WORLD_SIZE", "1") not in ("", "1"))
 
 
 def cli_text(exc: BaseException) -> str:

@@ -61,7 +61,7 @@ def test_unpruned_params_forward_and_thop(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_keeping_every_channel_reproduces_the_outputs(arch):
     model = randomize(new_model(arch, 10))
-    keep = [torch.ones(len(u.gamma), dtype=torch.bool) for u in units_of(model)]
+    keep = [torch.ones(len(u.score), dtype=torch.bool) for u in units_of(model)]
     same = apply_masks(model, keep)
     assert count_params(same) == count_params(model)
     assert torch.equal(outputs(same), outputs(model))
@@ -103,7 +103,7 @@ def test_pruning_channels_whose_gamma_and_beta_are_zero_keeps_the_outputs(arch):
     gen = torch.Generator().manual_seed(2)
     masks = []
     for unit in units_of(model):
-        mask = torch.ones(len(unit.gamma), dtype=torch.bool)
+        mask = torch.ones(len(unit.score), dtype=torch.bool)
         if unit.prunable and len(mask) > 2:
             mask[torch.randperm(len(mask), generator=gen)[:len(mask) // 3]] = False
         masks.append(mask)

@@ -87,9 +87,9 @@ def test_round_to_leaves_multiples_of_k_in_every_pruned_layer(arch):
     for unit, mask in zip(result.units, result.masks):
         if unit.prunable:
             kept = int(mask.sum())
-            assert kept == len(unit.gamma) or (kept % 8 == 0 and kept >= 8), (unit.name, kept)
+            assert kept == len(unit.score) or (kept % 8 == 0 and kept >= 8), (unit.name, kept)
             # the kept channels are the largest |γ|
-            assert unit.gamma[mask].min() >= unit.gamma[~mask].max() if (~mask).any() else True
+            assert unit.score[mask].min() >= unit.score[~mask].max() if (~mask).any() else True
     assert result.record.params_after >= prune(model, 0.7).record.params_after
 
 

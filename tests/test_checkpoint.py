@@ -404,7 +404,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(torch, "save", save_on_full_disk)
     code = run_app(build_app(), ["prune", "--checkpoint", str(src), "--ratio", "0.5",
-                                 "--output", str(out), "--no-eval", "--cpu"])
+                                 "--output", str(out), "--no-eval", "--cpu", "--overwrite"])
     monkeypatch.setattr(torch, "save", real_save)
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err

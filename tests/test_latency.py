@@ -71,7 +71,7 @@ def test_rounds_interleave_the_models(monkeypatch):
         model.tag = name
     monkeypatch.setattr(profiling, "_torch_runner", lambda m, device: m)
     monkeypatch.setattr(profiling, "_timed_ms", timed)
-    out = measure_latencies(models, "cpu", 8, batches=(1, 2), warmup=2, repeats=3)
+    out = measure_latencies(models, "cpu", 32, batches=(1, 2), warmup=2, repeats=3)
     warm, rounds = calls[:8], calls[8:]
     assert warm == [("a", 1), ("a", 1), ("a", 2), ("a", 2), ("b", 1), ("b", 1), ("b", 2), ("b", 2)]
     assert rounds == [("a", 1), ("a", 2), ("b", 1), ("b", 2)] * 3

@@ -3,9 +3,27 @@
 
 import logging
 import os
+import signal
 import sys
 
-from trainer.cli.app import build_app, run_app
+
+def end_with_agent() -> None:
+    """A rank asks Linux for SIGTERM when the process that started it (torchrun's agent, inside
+    ``accelerate launch``) dies: torchrun starts each rank in a session of its own, so a
+    SIGKILLed agent left its ranks training, reparented, still writing the outputs. SIGTERM
+    stops a rank at its next step, as a forwarded signal does. Nothing outside Linux, and
+    nothing in a process no agent started."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the agent died before the request: as if it came after
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def leave(code: int) -> None:
@@ -26,4 +44,7 @@ def leave(code: int) -> None:
 
 
 if __name__ == "__main__":
+    end_with_agent()  # before the imports: they take seconds
+    from trainer.cli.app import build_app, run_app
+
     leave(run_app(build_app(), prog="python -m trainer"))

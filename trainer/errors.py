@@ -23,6 +23,12 @@ def shown(value: object, quote: bool = False) -> str:
     return text
 
 
+def cut(text: str, limit: int = 4 * SHOWN_CHARS) -> str:
+    """Plain text (not quoted) cut to about ``limit`` characters, saying how long it was."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 class UserError(Exception):
     """Bad input the user can fix; the message names the problem and the fix."""
 
@@ -85,12 +91,25 @@ class TrainingError(UserError):
 
 
 class StopRequested(Exception):
-    """SIGINT/SIGTERM arrived; the loop stopped at a step boundary on every rank."""
+    """SIGINT/SIGTERM arrived: the loop stopped at a step boundary on every rank (``epoch``),
+    or the run stopped at once outside the loop (``epoch`` None: reading data, building the
+    model, between a pipeline's stages)."""
 
     PREFIX = "stopped by "  # how every stop's message starts (trainer.train.dist.is_stop reads it)
 
-    def __init__(self, signum: int, epoch: int):
-        super().__init__(f"{self.PREFIX}{signal.Signals(signum).name} in epoch {epoch}")
-        self.signum = signum
+    def __init__(self, signum: int, epoch: int | None = None):
+        where = f" in epoch {epoch}" if epoch is not None else " outside the training loop"
+        super().__init__(f"{self.PREFIX}{signal.Signals(signum).name}{where}")
+        self.signum, self.epoch = signum, epoch
         self.exit_code = 128 + signum
         self.resumable = False  # set when a resume state exists to continue from
+
+
+class HardStop(KeyboardInterrupt):
+    """A second Ctrl-C: the run stops where it is, without finishing the step."""
+
+    MESSAGE = ("stopped hard by a second Ctrl-C: the epoch in progress is lost; every file "
+               "already written is whole (--resume continues from the last finished epoch)")
+
+    def __init__(self) -> None:
+        super().__init__(self.MESSAGE)

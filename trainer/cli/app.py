@@ -31,7 +31,7 @@ from trainer.config.commands import (
     default_of,
 )
 from trainer.config.settings import RunConfig, option_help, option_type
-from trainer.errors import ParamError, UserError
+from trainer.errors import HardStop, ParamError, UserError
 from trainer.files.atomic import disk_full
 from trainer.train import dist
 
@@ -130,11 +130,17 @@ def run_app(app: typer.Typer, argv: list[str] | None = None, prog: str = "slimtu
         return exc.exit_code
     except _USAGE as exc:
         message, code = f"{exc.format_message()} (see --help)", exc.exit_code
-    except (*_ABORT, KeyboardInterrupt):
+    except (*_ABORT, KeyboardInterrupt) as exc:
+        # click turns a KeyboardInterrupt into Abort; a second Ctrl-C (HardStop) says so
+        hard = next((e for e in (exc, exc.__cause__) if isinstance(e, HardStop)), None)
+        if hard is not None:
+            dist.report_to_launcher(str(hard), 130)
+            if not launched and (dist.is_main() or dist.world_size() == 1):
+                print(str(hard), file=sys.stderr)
         return 130
     except UserError as exc:  # the library names parameters; the command line, flags
         message = exc.cli_message() if isinstance(exc, ParamError) else str(exc)
-        code = exc.exit_code
+        message, code = from_loader_worker(message), exc.exit_code
     except Exception as exc:  # noqa: BLE001 -- a crash: keep the traceback, name the rank
         full = disk_full(exc)
         if full is not None:  # every write is atomic: the files already there are whole
@@ -142,15 +148,33 @@ def run_app(app: typer.Typer, argv: list[str] | None = None, prog: str = "slimtu
                          "(add --resume to continue a run from its last finished epoch)", 1,
                          launched)
         dist.report_to_launcher(f"{type(exc).__name__}: {exc}", 1)
+        if launched and dist.is_peer_loss(str(exc)):
+            return 1  # only another rank's failure: the launcher names that rank, last
         print(f"[rank {dist.rank()}] crashed:", file=sys.stderr)
         traceback.print_exc()
         return 1
     return _fail(message, code, launched)
 
 
+MAX_MESSAGE = 2000  # characters of an error line; each quoted value is bounded far below it
+
+
+def from_loader_worker(message: str) -> str:
+    """The original message of an error a DataLoader worker raised: torch re-raises it in the
+    main process as 'Caught X in DataLoader worker process 0. Original Traceback ...' with the
+    worker's whole traceback in the message."""
+    if "\nOriginal Traceback" not in message:
+        return message
+    last = [ln for ln in message.strip().splitlines() if ln.strip()][-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and " " not in head else last
+
+
 def _fail(message: str, code: int, launched: bool) -> int:
     """One ``error:`` line (from the main process), and the report the launcher reads."""
     message = " ".join(message.split("\n"))
+    if len(message) > MAX_MESSAGE:  # a last bound: no message may flood a terminal or a log
+        message = f"{message[:MAX_MESSAGE]}... ({len(message):,} characters)"
     dist.report_to_launcher(message, code)
     if not launched and (dist.is_main() or dist.world_size() == 1):
         print(f"error: {message}", file=sys.stderr)

@@ -46,10 +46,23 @@ def info(
     console.print(table)
     console.print(history_line(d))
     if "prune" in d:
-        p = d["prune"]
-        console.print(f"pruned from {escape(str(p.get('source')))} at ratio {p.get('ratio')} "
-                      f"(threshold {p.get('threshold', float('nan')):.4g})")
+        console.print(escape(prune_line(d["prune"])))
     return 0
+
+
+def prune_line(p: dict[str, Any]) -> str:
+    """'pruned from X at ratio 0.5 by bn, global (threshold 0.01); BN statistics re-estimated
+    on 20 batches' (files of older versions: bn, global)."""
+    criterion, allocation = p.get("criterion") or "bn", p.get("allocation") or "global"
+    threshold = p.get("threshold")
+    how = f"threshold {threshold:.4g}" if isinstance(threshold, (int, float)) else \
+        "⌊ratio·C⌋ of every layer"
+    line = (f"pruned from {p.get('source')} at ratio {p.get('ratio')} by {criterion}, "
+            f"{allocation} ({how})")
+    batches = p.get("bn_recalibrate")
+    if batches:
+        line += f"; BN statistics re-estimated on {batches} training batches"
+    return line
 
 
 def _format(d: dict[str, Any]) -> str:

@@ -13,10 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from trainer.config.checks import check_path_length
 from trainer.config.exports import require_onnx
 from trainer.config.paths import COMPARE_FIGURE
 from trainer.config.settings import DEVICES, RUNTIMES
 from trainer.errors import UserError
+from trainer.files.atomic import refuse_replacing_checkpoint, refuse_special
 
 
 def _console() -> Console:
@@ -158,12 +160,15 @@ def _profile_table(results: Sequence[Mapping[str, Any]]) -> Table:
 def _compare_labels(checkpoints: list[Path], baseline: Path | None, output: Path,
                     labels: str | None) -> list[str] | None:
     """Refuse a figure path that would overwrite a source or is a folder; parse --labels."""
+    check_path_length("--output", output)
     for src in [*checkpoints, *([baseline] if baseline else [])]:
         if output.resolve() == src.resolve():
             raise UserError(f"--output {output} is one of the checkpoints compared; choose "
                             "another path for the figure (slimtune never overwrites its source)")
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give the path of a .png file")
+    refuse_special(output, "--output")
+    refuse_replacing_checkpoint(output, "--output")
     names = None if labels is None else [s.strip() for s in labels.split(",")]
     if names is not None and not all(names):
         raise UserError(f"--labels has an empty name in {labels!r}; give one non-empty label "

@@ -9,6 +9,7 @@ from trainer.config.settings import RunConfig
 from trainer.data.datasets import check_classes
 from trainer.errors import ConfigError
 from trainer.files.checkpoint import build_model, load_checkpoint
+from trainer.measure.profiling import check_input_fits
 from trainer.train import dist
 from trainer.train.loop import evaluate
 from trainer.train.progress import say
@@ -26,7 +27,9 @@ def cmd_evaluate(run: RunConfig, accelerator) -> dict:
     ckpt = load_checkpoint(run.checkpoint, run.arch)
     data = load_data(run)
     check_classes(data.name, data.num_classes, ckpt["num_classes"], f"checkpoint {run.checkpoint}")
-    metrics = evaluate_model(build_model(ckpt), run, accelerator, data)
+    model = build_model(ckpt)
+    check_input_fits(model, run.image_size, "--image-size")
+    metrics = evaluate_model(model, run, accelerator, data)
     if run.json:
         if dist.is_main():
             print(json.dumps(metrics))

@@ -46,5 +46,5 @@ def _per_stage(arch: str, units) -> dict[str, list[list[int]]]:
         if unit.prunable:
             block = unit.name.rsplit(".", 1)[0] if "." in unit.name else unit.name
             stage = family(arch).stage(arch, unit.name)
-            stages.setdefault(stage, {}).setdefault(block, []).append(len(unit.gamma))
+            stages.setdefault(stage, {}).setdefault(block, []).append(len(unit.score))
     return {stage: list(blocks.values()) for stage, blocks in stages.items()}

@@ -16,16 +16,15 @@ from trainer.config.paths import (
     CHECKPOINTS,
     PLOTS,
     SPARSE,
-    budget_tag,
     comparison_figure,
     fmt_count,
     gamma_plot_path,
     plot_path,
-    ratio_tag,
     run_paths,
     stage_files,
 )
 from trainer.config.settings import FINETUNE_RECIPE, TRAIN_RECIPE, RunConfig
+from trainer.config.study import REPORT_JOB, SPARSE_JOB, chains
 from trainer.errors import ConfigError
 from trainer.files.atomic import ensure_writable
 from trainer.files.checkpoint import build_model, load_checkpoint
@@ -41,46 +40,68 @@ from trainer.train.runtime import loader_kind
 
 
 @dataclass
-class Round:
-    """One prune -> fine-tune round: each stage's output and settings (what it runs, and what
-    --resume compares)."""
+class Stage:
+    """One step of a chain: its kind ('prune', 'finetune'), round, settings (what it runs and
+    what --resume compares) and the file it makes."""
 
-    number: int
-    pruned: Path
-    prune: RunConfig
-    tuned: Path
-    finetune: RunConfig
+    kind: str
+    round: int
+    run: RunConfig
+    output: Path
+
+    @property
+    def inputs(self) -> list[Path]:
+        """The files it reads (a checkpoint, a teacher), which other stages may make."""
+        run = self.run
+        return [Path(p) for p in (run.checkpoint, run.teacher, run.init,
+                                  getattr(run, "scratch_from", None)) if p]
 
 
 @dataclass
-class Target:
-    """A ratio or a budget of the study, reached in one or more rounds."""
+class Chain:
+    """One target of the study (a ratio or a budget) and its stages in order: a job of its
+    own after the sparse stage (``pipeline --job <tag>``), whose files no other chain reads
+    or writes. A stage added to ``stages`` runs in its turn (its runner: STAGE_RUNNERS)."""
 
-    tag: str  # in file names: '90' (ratio 0.9), '4M' (a params budget), '100Mmacs'
+    tag: str  # in file names and job names: '90' (ratio 0.9), '4M' (a params budget)
     label: str  # in tables: 'ratio 0.9', '4M params'
-    rounds: list[Round]
+    stages: list[Stage]
+
+    def stage(self, kind: str, number: int) -> Stage | None:
+        return next((s for s in self.stages if s.kind == kind and s.round == number), None)
 
 
 @dataclass
 class Stages:
     sparse: Path
     train: RunConfig
-    targets: list[Target]
+    chains: list[Chain]
+
+    def trained(self, job: str | None = None) -> list[tuple[Path, RunConfig]]:
+        """(output, settings) of each training stage of ``job`` (None: the whole study)."""
+        out = [(self.sparse, self.train)] if job in (None, SPARSE_JOB) else []
+        return out + [(s.output, s.run) for c in self.chains if job in (None, c.tag)
+                      for s in c.stages if s.kind != "prune"]
+
+    def made(self, job: str | None = None) -> list[Path]:
+        """Every checkpoint ``job`` (None: the whole study) makes."""
+        out = [self.sparse] if job in (None, SPARSE_JOB) else []
+        return out + [s.output for c in self.chains if job in (None, c.tag) for s in c.stages]
 
 
 def plan_stages(run: RunConfig, unpruned: dict[str, int] | None = None) -> Stages:
     """The study's stages: the train recipe with the pipeline's epochs, lr, batch, warm-up and
-    λ; then per ratio (or budget of ``run.targets``) ``run.passes`` rounds of a prune and the
-    fine-tune recipe with the pipeline's epochs, lr, batch. ``unpruned``: the sparse model's
-    params and MACs, which place the budgets of the rounds before the last."""
+    λ; then per ratio (or budget of ``run.targets``) a chain of ``run.passes`` rounds of a
+    prune and the fine-tune recipe with the pipeline's epochs, lr, batch. ``unpruned``: the
+    sparse model's params and MACs, which place the budgets of the rounds before the last."""
     sparse = Path(run.workdir) / CHECKPOINTS / SPARSE
     train = run.replace(command="train", optimizer=TRAIN_RECIPE["optimizer"],
                         weight_decay=TRAIN_RECIPE["weight_decay"], epochs=run.train_epochs,
                         lr=run.train_lr, output=str(sparse), plot=None, checkpoint=None,
                         init=None)
-    targets = []
-    for tag, label, amounts in _amounts(run, unpruned or {}):
-        rounds, src = [], sparse
+    planned = []
+    for (tag, label), amounts in zip(chains(run), _amounts(run, unpruned or {})):
+        stages, src = [], sparse
         for p, amount in enumerate(amounts, start=1):
             pruned, tuned = stage_files(run.workdir, tag, p, run.passes)
             prune = run.replace(command="prune", checkpoint=str(src), output=str(pruned),
@@ -92,28 +113,28 @@ def plan_stages(run: RunConfig, unpruned: dict[str, int] | None = None) -> Stage
                 lr=run.finetune_lr, batch_size=run.finetune_batch_size, plot=None,
                 sparsity=run.sparsity if p < run.passes else 0.0,
                 teacher=str(sparse) if run.kd else None)
-            rounds.append(Round(p, pruned, prune, tuned, ft))
+            stages += [Stage("prune", p, prune, pruned), Stage("finetune", p, ft, tuned)]
             src = tuned
-        targets.append(Target(tag, label, rounds))
-    return Stages(sparse, train, targets)
+        planned.append(Chain(tag, label, stages))
+    return Stages(sparse, train, planned)
 
 
 def _amounts(run: RunConfig, unpruned: dict[str, int]):
-    """(tag, label, per round {ratio} or {target_*}) of every ratio or budget. K rounds reach
-    ratio r by removing 1 - (1 - r)^(1/K) of what is left each time, and a budget b by the
-    budgets B·(b/B)^(p/K) (B: the unpruned size), so each round removes a like share."""
+    """Per round {ratio} or {target_*}, for every ratio or budget (in the order of
+    trainer.config.study.chains). K rounds reach ratio r by removing 1 - (1 - r)^(1/K) of
+    what is left each time, and a budget b by the budgets B·(b/B)^(p/K) (B: the unpruned
+    size), so each round removes a like share."""
     k = run.passes
     if not run.targets:
         for r in run.ratios:
             step = 1 - (1 - r) ** (1 / k)
-            yield ratio_tag(r), f"ratio {r:g}", [{"ratio": r if k == 1 else step}] * k
+            yield [{"ratio": r if k == 1 else step}] * k
         return
     kind = run.target_kind
     for b in run.targets:
         full = unpruned.get(kind, b)
-        budgets = [b if p == k else int(full * (b / full) ** (p / k)) for p in range(1, k + 1)]
-        yield (budget_tag(b, kind), f"{fmt_count(b)} {kind}",
-               [{f"target_{kind}": v} for v in budgets])
+        yield [{f"target_{kind}": b if p == k else int(full * (b / full) ** (p / k))}
+               for p in range(1, k + 1)]
 
 
 def stage_action(run: RunConfig, stage_run: RunConfig, output: Path, upstream_ran: bool) -> str:
@@ -163,9 +184,27 @@ def _drop_stale_state(output: Path) -> None:
     dist.barrier()  # no rank looks for it before it is gone
 
 
+def check_study_outputs(run: RunConfig) -> None:
+    """A new study (no --resume, no --overwrite) never replaces an earlier one's results: for
+    the whole study, or the files of ``--job`` only (the other jobs of a study made the rest)."""
+    if run.resume or run.overwrite or run.job == REPORT_JOB:
+        return
+    stages = plan_stages(run)
+    for output, stage_run in stages.trained(run.job):
+        keep_interrupted_run(run_paths(output)["last"], stage_run)
+    found = [p.name for p in stages.made(run.job) if p.exists()]
+    if found:
+        listed = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3
+                                         else "")
+        raise ConfigError(f"--workdir {run.workdir} holds an earlier study ({listed}); add "
+                          "--resume to reuse its finished stages, give another --workdir "
+                          "to keep both, or add --overwrite to redo it")
+
+
 def run_pipeline(run: RunConfig, accelerator) -> list[StudyRow]:
     """Train with sparsity, prune to each ratio or budget (in ``run.passes`` rounds), fine-tune
-    each, compare; returns one row per round."""
+    each, compare; returns one row per round. ``run.job``: only that job of the study (the
+    sparse stage, one target's chain, or the report from the chains' files)."""
     # resolved now, as every stage saves it: --resume compares stages with these settings
     run = run.replace(loader=loader_kind(run, accelerator.device))
     work = Path(run.workdir)
@@ -174,49 +213,106 @@ def run_pipeline(run: RunConfig, accelerator) -> list[StudyRow]:
     ensure_writable(plots)
     stages = plan_stages(run)
     if not run.resume:  # before any stage redoes the work of an interrupted study
-        for output, stage_run in [(stages.sparse, stages.train),
-                                  *[(r.tuned, r.finetune) for t in stages.targets
-                                    for r in t.rounds]]:
+        for output, stage_run in stages.trained(run.job):
             keep_interrupted_run(run_paths(output)["last"], stage_run)
-    _stage(f"1. sparse training ({run.train_epochs} epochs, λ={run.sparsity:g})")
-    action = stage_action(run, stages.train, stages.sparse, upstream_ran=False)
-    if action != "skip":
-        cmd_train(stages.train.replace(resume=action == "resume"), accelerator, plots)
+    remade: set[Path] = set()
+    if run.job in (None, SPARSE_JOB):
+        _stage(f"1. sparse training ({run.train_epochs} epochs, λ={run.sparsity:g})")
+        action = stage_action(run, stages.train, stages.sparse, upstream_ran=False)
+        if action != "skip":
+            cmd_train(stages.train.replace(resume=action == "resume"), accelerator, plots)
+            remade.add(stages.sparse)
+        if run.job == SPARSE_JOB:
+            return []
+    elif not stages.sparse.exists():
+        raise ConfigError(f"--job {run.job} needs the sparse stage's {stages.sparse}, which does "
+                          "not exist; run --job sparse first")
     if run.targets:  # the budgets of the rounds before the last scale from the unpruned size
         stages = plan_stages(run, unpruned_sizes(stages.sparse, run.image_size))
-    rows = []
-    for target in stages.targets:
-        remade = action != "skip"
-        for rnd in target.rounds:
-            row, remade = _run_round(run, target, rnd, accelerator, plots, remade)
-            rows.append(row)
+    if run.job != REPORT_JOB:
+        for chain in stages.chains:
+            if run.job in (None, chain.tag):
+                run_chain(run, chain, accelerator, plots, remade)
+        if run.job is not None:
+            return []
     dist.barrier()
+    rows = study_rows(run, stages)
     if dist.is_main():
         _print_rows(rows)
         finish_study(run, stages.sparse, [r for r in rows if r.final], plots, rows)
     return rows
 
 
-def _run_round(run: RunConfig, target: Target, rnd: Round, accelerator, plots: Path,
-               upstream_ran: bool) -> tuple[StudyRow, bool]:
-    """Prune and fine-tune one round (skipping what --resume may reuse); (row, remade)."""
-    of = f" (round {rnd.number} of {run.passes})" if run.passes > 1 else ""
-    _stage(f"2. prune to {target.label}{of} -> {rnd.pruned.name}")
-    record = reusable_prune(run, rnd.prune, rnd.pruned, upstream_ran=upstream_ran)
-    remade = record is None
-    if remade:
-        record = cmd_prune(rnd.prune, accelerator, plots)
-    _stage(f"3. fine-tune {rnd.pruned.name} ({run.finetune_epochs} epochs)")
-    action = stage_action(run, rnd.finetune, rnd.tuned, upstream_ran=remade)
+def run_chain(run: RunConfig, chain: Chain, accelerator, plots: Path, remade: set[Path]) -> None:
+    """Run ``chain``'s stages in order, each skipped or resumed where --resume may (a stage
+    whose input was remade runs afresh); ``remade`` gains the files remade."""
+    for stage in chain.stages:
+        if STAGE_RUNNERS[stage.kind](run, chain, stage, accelerator, plots,
+                                     _upstream_ran(stage, remade)):
+            remade.add(stage.output)
+
+
+def _upstream_ran(stage: Stage, remade: set[Path]) -> bool:
+    """Whether an input of ``stage`` was remade in this run, or since ``stage``'s own file was
+    written (by another job of the study: a sparse stage trained on after this chain ran)."""
+    if any(p in remade for p in stage.inputs):
+        return True
+    mine = run_paths(stage.output)["last"] if stage.kind != "prune" else stage.output
+    mine = mine if mine.exists() else stage.output
+    if not mine.exists():
+        return False
+    made = mine.stat().st_mtime_ns
+    return any(p.exists() and p.stat().st_mtime_ns > made for p in stage.inputs)
+
+
+def _run_prune(run: RunConfig, chain: Chain, stage: Stage, accelerator, plots: Path,
+               upstream_ran: bool) -> bool:
+    """Prune (unless --resume may reuse the file); whether it pruned."""
+    of = f" (round {stage.round} of {run.passes})" if run.passes > 1 else ""
+    _stage(f"2. prune to {chain.label}{of} -> {stage.output.name}")
+    if reusable_prune(run, stage.run, stage.output, upstream_ran=upstream_ran) is not None:
+        return False
+    cmd_prune(stage.run, accelerator, plots)
+    return True
+
+
+def _run_finetune(run: RunConfig, chain: Chain, stage: Stage, accelerator, plots: Path,
+                  upstream_ran: bool) -> bool:
+    """Fine-tune (skipped or resumed where --resume may); whether it trained."""
+    _stage(f"3. fine-tune {Path(stage.run.checkpoint).name} ({stage.run.epochs} epochs)")
+    action = stage_action(run, stage.run, stage.output, upstream_ran=upstream_ran)
     if action == "fresh" and run.resume:
-        _drop_stale_state(rnd.tuned)
+        _drop_stale_state(stage.output)
     if action != "skip":
-        cmd_finetune(rnd.finetune.replace(resume=action == "resume"), accelerator, plots)
-    best = load_checkpoint(rnd.tuned)
-    row = StudyRow(target.label, target.tag, rnd.number, rnd.number == run.passes,
-                   record.ratio, str(rnd.tuned), str(rnd.pruned), record.params_after,
-                   best.get("best_acc"), record.acc_after)
-    return row, remade or action != "skip"
+        cmd_finetune(stage.run.replace(resume=action == "resume"), accelerator, plots)
+    return action != "skip"
+
+
+STAGE_RUNNERS = {"prune": _run_prune, "finetune": _run_finetune}
+
+
+def study_rows(run: RunConfig, stages: Stages) -> list[StudyRow]:
+    """One row per round of every chain, read from the chains' files."""
+    missing = [p for p in stages.made() if p != stages.sparse and not p.exists()]
+    if missing:
+        raise ConfigError(f"the study's report needs every chain's files, and {missing[0]} does "
+                          "not exist; run the chain's job first (pipeline --job "
+                          f"{_chain_of(stages, missing[0])}), or the whole study with --resume")
+    rows = []
+    for chain in stages.chains:
+        for p in range(1, run.passes + 1):
+            pruned, tuned = chain.stage("prune", p).output, chain.stage("finetune", p).output
+            record = PruneRecord.from_dict(load_checkpoint(pruned).get("prune"))
+            best = load_checkpoint(tuned)
+            rows.append(StudyRow(chain.label, chain.tag, p, p == run.passes, record.ratio,
+                                 str(tuned), str(pruned), record.params_after,
+                                 best.get("best_acc"), record.acc_after,
+                                 macs=record.macs_after))
+    return rows
+
+
+def _chain_of(stages: Stages, path: Path) -> str:
+    return next(c.tag for c in stages.chains if path in [s.output for s in c.stages])
 
 
 def unpruned_sizes(sparse: Path, input_size: int) -> dict[str, int]:

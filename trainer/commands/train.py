@@ -18,7 +18,9 @@ from trainer.errors import ConfigError, ParamError
 from trainer.files.atomic import ensure_writable
 from trainer.files.checkpoint import build_model, load_checkpoint
 from trainer.measure.plots import plot_curves
-from trainer.models.build import fresh_model
+from trainer.measure.profiling import check_input_fits
+from trainer.models.build import family, fresh_like, fresh_model
+from trainer.prune.engine import copy_to_meta, model_size
 from trainer.train import dist
 from trainer.train.fit import fit
 from trainer.train.loop import make_optimizer
@@ -60,6 +62,8 @@ def preflight(run: RunConfig) -> None:
     run = inherit_data_settings(run, quiet=True)
     src = input_checkpoint(run)
     ckpt = load_checkpoint(src, run.arch) if src else None
+    if ckpt is not None:
+        check_scratch_arch(run, ckpt)
     if run.teacher and ckpt is not None:
         load_teacher(run.teacher, ckpt["num_classes"])
     if run.command == "prune":  # prune measures accuracy only if it can: data is optional
@@ -68,13 +72,15 @@ def preflight(run: RunConfig) -> None:
                               download=run.download, synthetic_train=run.synthetic_train,
                               synthetic_test=run.synthetic_test)
     if ckpt is not None:
-        what = f"--init {src}" if run.command == "train" else f"checkpoint {src}"
+        flag = "--scratch-from" if run.scratch_from else "--init"
+        what = f"{flag} {src}" if run.command == "train" else f"checkpoint {src}"
         check_classes(run.dataset, classes, ckpt["num_classes"], what)
 
 
 def run_training(run: RunConfig, accelerator, model, data, *, output: Path, plot: Path,
                  extra: dict, title: str, teacher=None):
     """Optimizer + loaders + fit: the part train and finetune share."""
+    check_input_fits(model, run.image_size, "--image-size")
     ensure_writable(output.parent)
     ensure_writable(plot.parent)
     # saved resolved: a resume on another device must not switch loaders (and augmentation)
@@ -101,16 +107,64 @@ def run_training(run: RunConfig, accelerator, model, data, *, output: Path, plot
 def cmd_train(run: RunConfig, accelerator, plots_dir: Path = PLOTS):
     with accelerator.main_process_first():  # one rank downloads, the others then read
         data = load_data(run)
-    torch.manual_seed(run.seed)  # the same initial model on every rank
+    output = output_path(run)
+    if run.scratch_from:
+        model, run, extra = scratch_start(run, data)
+        title = f"Scratch-{extra['scratch']['kind']} of {Path(run.scratch_from).name}"
+    else:
+        model, extra = _initial_model(run, data), {}
+        title = f"train {output.stem} (sparsity {run.sparsity:g})"
+    return run_training(run, accelerator, model, data, output=output,
+                        plot=plot_path(run, output, plots_dir), extra=extra, title=title)
+
+
+def _initial_model(run: RunConfig, data):
+    """--init's model, or a fresh one of --arch (seeded: the same on every rank)."""
+    torch.manual_seed(run.seed)
     if run.init:
         model = build_model(load_checkpoint(run.init, run.arch))
         check_classes(data.name, data.num_classes, model.num_classes, f"--init {run.init}")
-    else:
-        model = fresh_model(run.arch or DEFAULT_ARCH, data.num_classes, run.gamma_init)
-    output = output_path(run)
-    title = f"train {output.stem} (sparsity {run.sparsity:g})"
-    return run_training(run, accelerator, model, data, output=output,
-                        plot=plot_path(run, output, plots_dir), extra={}, title=title)
+        return model
+    return fresh_model(run.arch or DEFAULT_ARCH, data.num_classes, run.gamma_init)
+
+
+def check_scratch_arch(run: RunConfig, ckpt: dict) -> None:
+    """The recipe of a scratch run is --arch's (as the sparse run's was): it must be the file's."""
+    if run.scratch_from and ckpt["arch"] != run.arch:
+        raise ConfigError(f"--scratch-from {run.scratch_from} is a {ckpt['arch']} and --arch is "
+                          f"{run.arch}; add --arch {ckpt['arch']} (its recipe is the sparse "
+                          "run's)")
+
+
+def scratch_epochs(epochs: int, kind: str, macs_unpruned: int, macs_pruned: int) -> int:
+    """Scratch-E: ``epochs``; Scratch-B: ⌊epochs × MACs(unpruned) / MACs(pruned)⌋, the
+    official main_B.py's ``int(epochs * base / pruned)``, here in exact integers (no float
+    rounding)."""
+    return epochs * macs_unpruned // macs_pruned if kind == "B" else epochs
+
+
+def scratch_start(run: RunConfig, data):
+    """``train --scratch-from``: a fresh model of the pruned file's architecture (seeded by
+    --seed), the run with Scratch-B's epochs, and what the checkpoint records of it."""
+    src = run.scratch_from
+    ckpt = load_checkpoint(src, run.arch)
+    check_scratch_arch(run, ckpt)
+    check_classes(data.name, data.num_classes, ckpt["num_classes"], f"--scratch-from {src}")
+    pruned = build_model(ckpt)
+    check_input_fits(pruned, run.image_size, "--image-size")
+    fam = family(pruned.arch)
+    full = fam.skeleton(pruned.arch, pruned.num_classes, fam.default_widths(pruned.arch))
+    macs = [model_size(m, "macs", run.image_size) for m in (full, copy_to_meta(pruned))]
+    kind = run.scratch or "E"
+    epochs = scratch_epochs(run.epochs, kind, *macs)
+    torch.manual_seed(run.seed)  # the same initial model on every rank
+    model = fresh_like(pruned, run.gamma_init)
+    record = {"from": str(src), "kind": kind, "base_epochs": run.epochs, "epochs": epochs,
+              "macs_unpruned": macs[0], "macs_pruned": macs[1], "input_size": run.image_size}
+    if kind == "B":
+        say(f"Scratch-B: {epochs} epochs = ⌊{run.epochs} × {macs[0]:,} / {macs[1]:,} MACs⌋ "
+            f"(unpruned / pruned, at {run.image_size}x{run.image_size})")
+    return model, run.replace(epochs=epochs), {"scratch": record}
 
 
 def cmd_finetune(run: RunConfig, accelerator, plots_dir: Path = PLOTS):

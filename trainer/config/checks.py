@@ -8,6 +8,8 @@ exit code 2): a ParamError names the parameter, which the command line says as i
 from __future__ import annotations
 
 import math
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,9 @@ from typing import Any
 from trainer.config.archs import get_arch
 from trainer.config.paths import fmt_count, input_checkpoint, ratio_tag, written_files
 from trainer.config.settings import (
+    ALLOCATIONS,
     BUDGET_KINDS,
+    CRITERIA,
     DATASETS,
     INHERITED,
     LOADERS,
@@ -24,9 +28,11 @@ from trainer.config.settings import (
     OPTIMIZERS,
     RUN_COMMANDS,
     SCOPES,
+    SCRATCH,
     RunConfig,
 )
-from trainer.errors import ConfigError, ParamError
+from trainer.config.study import check_job
+from trainer.errors import ConfigError, ParamError, shown
 
 
 def _finite(v: float) -> bool:
@@ -66,8 +72,17 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kd_temperature": (lambda v: _finite(v) and v > 0, ": must be above 0, e.g. 4"),
     "target_kind": _one_of(BUDGET_KINDS),
     "scope": _one_of(SCOPES),
+    "criterion": _one_of(CRITERIA),
+    "allocation": _one_of(ALLOCATIONS),
+    "taylor_batches": (lambda v: v >= 1, ": need at least 1"),
+    "bn_recalibrate": (lambda v: v >= 0, ": must be 0 (off) or more batches"),
+    "scratch": (lambda v: v is None or v in SCRATCH, ": use E (the same epochs) or B (epochs "
+                "scaled by the MACs saved)"),
+    "jobs": (lambda v: v is None or v >= 1, ": need at least 1 job at once"),
+    "gpus_per_job": (lambda v: v is None or v >= 1, ": need at least 1 GPU per job"),
 }
-_QUOTED = {"optimizer", "mode", "mixed_precision", "loader", "target_kind", "scope"}
+_QUOTED = {"optimizer", "mode", "mixed_precision", "loader", "target_kind", "scope", "criterion",
+           "allocation", "scratch"}
 
 
 def check(param: str, value: Any) -> Any:
@@ -95,7 +110,9 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("--sync-bn synchronises BatchNorm over GPU processes and needs CUDA; "
                           "drop it with --cpu")
     check_dp(run)
+    check_pool(run)
     _check_pruning(run)
+    check_scratch(run)
     if run.command == "pipeline" and (run.train_epochs < 1 or run.finetune_epochs < 1):
         raise ConfigError("--train-epochs and --finetune-epochs need at least 1 epoch")
     check_written_files(run)
@@ -111,6 +128,35 @@ def check_dp(run: RunConfig) -> None:
                           "--compile or --mixed-precision bf16/fp16")
 
 
+def check_pool(run: RunConfig) -> None:
+    """Settings of a study run as many jobs (launch.pool) that cannot go together."""
+    if run.command == "pipeline":
+        check_job(run)
+    pooled = [p for p in ("jobs", "gpus_per_job") if getattr(run, p) is not None]
+    if run.job is not None and (pooled or run.slurm):
+        raise ParamError("{job} runs one job of a study; drop " + " and ".join(
+            "{" + p + "}" for p in (pooled or ["slurm"])) + " (they start every job)",
+                         "job", *(pooled or ["slurm"]))
+    if run.gpus_per_job is not None and run.cpu:
+        raise ParamError("{gpus_per_job} splits GPUs between jobs; on the CPU give {jobs} J "
+                         "(J jobs at once, the cores split between them)", "gpus_per_job",
+                         "jobs")
+    total = run.gpus if run.gpus is not None else (
+        len(run.gpu_ids.split(",")) if run.gpu_ids else None)
+    if run.gpus_per_job is not None and total is not None and run.gpus_per_job > total:
+        flag = "{gpus}" if run.gpus is not None else "{gpu_ids}"
+        raise ParamError("{gpus_per_job} " + f"{run.gpus_per_job} is more than the {total} "
+                         f"GPUs of {flag}; a job gets at most every GPU of the study: use "
+                         "{gpus_per_job} " + f"{total} or fewer", "gpus_per_job",
+                         "gpus" if run.gpus is not None else "gpu_ids")
+    if (pooled or run.slurm) and run.accelerate_config:
+        raise ConfigError("--accelerate-config fixes the processes of one job; with --jobs, "
+                          "--gpus-per-job or --slurm each job's GPUs come from --gpus-per-job")
+    if pooled and not run.slurm and run.num_machines > 1:
+        raise ConfigError("--jobs and --gpus-per-job run a study's jobs on this machine; for "
+                          "several machines write a SLURM script with --slurm FILE")
+
+
 def _check_pruning(run: RunConfig) -> None:
     if run.command == "prune":
         check_amount(run.ratio, run.target_params, run.target_macs)
@@ -121,6 +167,23 @@ def _check_pruning(run: RunConfig) -> None:
         if twice:
             raise ParamError("{targets} lists " + ", ".join(twice) + " twice; give each budget "
                              "once", "targets")
+
+
+def check_scratch(run: RunConfig) -> None:
+    """--scratch-from starts from a fresh model of the file's widths: not --init's weights, not
+    with the sparsity of the run it replaces; --scratch needs it."""
+    if run.command != "train":
+        return
+    if run.scratch is not None and not run.scratch_from:
+        raise ParamError("{scratch} " + run.scratch + " needs {scratch_from} CKPT, the pruned "
+                         "checkpoint whose architecture is trained from scratch",
+                         "scratch", "scratch_from")
+    if run.scratch_from and run.init:
+        raise ParamError("{init} and {scratch_from} both say where the model starts; give one",
+                         "init", "scratch_from")
+    if run.scratch_from and run.sparsity > 0:
+        raise ParamError("{scratch_from} trains without sparsity (the baseline of Liu et al. "
+                         "2019); drop {sparsity}", "scratch_from", "sparsity")
 
 
 def check_amount(ratio: float | None, target_params: int | None,
@@ -186,13 +249,74 @@ def check_batch_split(batch_size: int, processes: int, param: str = "batch_size"
 
 
 def check_written_files(run: RunConfig) -> None:
-    """No run writes over its input or onto a folder (found before any work, not after it)."""
+    """No run writes over its input, onto a folder or a special file, or to a name the file
+    system cannot hold (found before any work, not after it)."""
     sources = [(s, w) for s, w in ((input_checkpoint(run), "the input checkpoint"),
                                    (run.teacher, "the --teacher checkpoint")) if s]
     for what, path in written_files(run):
+        check_path_length(what, path)
         for src, name in sources:
-            if path.resolve() == Path(src).resolve():
+            if _same_path(path, Path(src)):
                 raise ConfigError(f"{what} {path} is {name}; choose another path (slimtune "
                                   "never overwrites its source)")
-        if path.is_dir():
-            raise ConfigError(f"{what} {path} is a folder; give a file path")
+        check_output_path(what, path)
+
+
+def check_output_path(what: str, path: Path) -> None:
+    """``path`` may be written: not a folder, not a device, FIFO or socket (an existing path
+    that is not a regular file, nor a link to one)."""
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder; give a file path")
+    kind = special_kind(path)
+    if kind is not None:
+        raise ConfigError(f"{what} {path} is a {kind}, not a regular file; slimtune never "
+                          "writes over one: choose another path")
+
+
+_SPECIAL = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+            (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"))
+
+
+def special_kind(path: Path) -> str | None:
+    """What an existing ``path`` is when it is neither a regular file nor a folder (a link:
+    what it points to), e.g. 'character device'; None otherwise (or when it is missing)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return next((name for test, name in _SPECIAL if test(mode)), None)
+
+
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits (bytes), where the file system says none
+
+
+def check_path_length(what: str, path: Path) -> None:
+    """A name the file system can hold (else every later step fails with 'File name too
+    long')."""
+    name_max = _name_max(path)
+    for part in Path(path).parts:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            raise ConfigError(f"{what} {shown(str(path))} has a name of {size} bytes; this file "
+                              f"system allows {name_max}: choose a shorter name")
+    size = len(os.fsencode(os.path.abspath(path)))
+    if size >= PATH_MAX:
+        raise ConfigError(f"{what} {shown(str(path))} is a path of {size:,} bytes; Linux allows "
+                          f"{PATH_MAX - 1}: choose a shorter one")
+
+
+def _name_max(path: Path) -> int:
+    here = Path(os.path.abspath(path))
+    while not os.path.exists(here) and here != here.parent:
+        here = here.parent
+    try:
+        return os.pathconf(here, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return NAME_MAX
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # too long, a link loop: then they are not one file
+        return False

@@ -35,14 +35,16 @@ DEVICE = ["seed", "cpu", "debug", "mode", "mixed_precision", "tf32", "channels_l
           "main_process_port"]
 OPTIM = ["epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "warmup_epochs",
          "sparsity"]
-RUN = ["output", "plot", "log_with", "resume", "force_resume"]
-PRUNE = ["ratio", "target_params", "target_macs", "round_to", "scope", "min_channels", "eval"]
+RUN = ["output", "plot", "log_with", "resume", "force_resume", "overwrite"]
+PRUNE = ["ratio", "target_params", "target_macs", "round_to", "scope", "min_channels", "eval",
+         "criterion", "allocation", "taylor_batches", "bn_recalibrate"]
 KD = ["teacher", "kd_alpha", "kd_temperature"]
 PIPELINE = ["arch", "train_epochs", "finetune_epochs", "sparsity", "ratios", "targets",
             "target_kind", "passes", "kd", "kd_alpha", "kd_temperature", "round_to", "train_lr",
             "finetune_lr", "finetune_batch_size", "batch_size", "warmup_epochs", "gamma_init",
             "workdir",
-            "scope", "min_channels", "eval", "log_with", "resume", "force_resume"]
+            "scope", "min_channels", "eval", "log_with", "resume", "force_resume", "overwrite",
+            "jobs", "gpus_per_job", "slurm", "job"]
 
 
 # scope prunable: a ratio is the fraction of bn1/bn2 channels removed, whatever the
@@ -130,14 +132,21 @@ COMMANDS: tuple[Command, ...] = (
 {recipes_text()}
 
     With --init, the architecture is the file's. Writes checkpoints/model_sparse.pth (λ > 0)
-    or checkpoints/model.pth.""",
-            ("arch", "init", "gamma_init", *OPTIM, *RUN, *DATA, *DEVICE),
+    or checkpoints/model.pth. With --scratch-from a pruned file, its architecture is trained
+    from a fresh initialisation, with this recipe and no sparsity (Scratch-E; --scratch B: the
+    epochs times the MACs saved); writes <file stem>_scratchE.pth (or B) beside it.""",
+            ("arch", "init", "scratch_from", "scratch", "gamma_init", *OPTIM, *RUN, *DATA,
+             *DEVICE),
             TRAIN_RECIPE | ARCH_RECIPE),
     Command("prune", """Prune the channels whose BatchNorm |γ| is below one global threshold.
 
-    Threshold = the |γ| at position ⌊N·ratio⌋ of all N sorted channels. Writes
-    checkpoints/model_prune.pth and plots/<output stem>_gamma.png.""",
-            ("checkpoint", "arch", "output", *PRUNE, "batch_size", *DATA, *DEVICE),
+    Threshold = the |γ| at position ⌊N·ratio⌋ of all N sorted channels. --criterion scores
+    the channels another way (filter norms, random, Taylor); --allocation uniform removes
+    ⌊ratio·C⌋ channels of every pruned layer instead. The accuracy right after pruning is
+    measured after re-estimating the BatchNorm statistics on --bn-recalibrate training
+    batches. Writes checkpoints/model_prune.pth and plots/<output stem>_gamma.png.""",
+            ("checkpoint", "arch", "output", "overwrite", *PRUNE, "batch_size", *DATA,
+             *DEVICE),
             {"checkpoint": str(CHECKPOINTS / SPARSE), "batch_size": 100, **FROM_CHECKPOINT}),
     Command("finetune", """Fine-tune a pruned checkpoint with the lab recipe; keep the best epoch.
 
@@ -170,6 +179,10 @@ HELP_BY_COMMAND: dict[tuple[str, str], str] = {
                           f"{PLOTS}/<output stem>.png).",
     ("train", "plot"): f"Curves figure (default {PLOTS}/<output stem>.png).",
     ("evaluate", "checkpoint"): "Checkpoint (.pth) to evaluate.",
+    ("prune", "overwrite"): "Replace a file already at --output (without it prune refuses).",
+    **{(c, "overwrite"): "Redo a study whose --workdir holds an earlier study's checkpoints "
+                         "(without it such a run is refused; --resume reuses them)."
+       for c in ("pipeline", "demo")},
     **{(c, name): f"{option_help(name)} (default: the input checkpoint's, else "
                   f"{getattr(RunConfig(), name)})"
        for c in ("prune", "finetune", "evaluate") for name in INHERITED},

@@ -7,6 +7,7 @@ import importlib
 import os
 from pathlib import Path
 
+from trainer.config.checks import check_path_length
 from trainer.errors import UserError
 
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -59,6 +60,7 @@ def resolve_output(checkpoint: str | os.PathLike, fmt: str,
     """The output path (``--output`` or the default); never the input, never a folder."""
     out = Path(output) if output is not None else default_output(checkpoint, fmt)
     option = "--output" if output is not None else "the default output"
+    check_path_length(option, out)
     if out.is_dir():
         raise UserError(f"{option} {out} is a folder; give a file path with --output")
     if out.expanduser().resolve() == Path(checkpoint).expanduser().resolve():

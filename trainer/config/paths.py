@@ -27,9 +27,10 @@ def ratio_tag(ratio: float) -> str:
 
 
 def input_checkpoint(run: RunConfig) -> str | None:
-    """The checkpoint a command starts from (train: --init), defaults applied; None if none."""
+    """The checkpoint a command starts from (train: --init or --scratch-from), defaults
+    applied; None if none."""
     if run.command == "train":
-        return run.init
+        return run.init or run.scratch_from
     defaults = {"finetune": str(CHECKPOINTS / PRUNED), "prune": str(CHECKPOINTS / SPARSE)}
     return run.checkpoint or defaults.get(run.command)
 
@@ -39,10 +40,17 @@ def finetuned_name(src: Path) -> Path:
     return src.with_name(src.stem + FINETUNED_SUFFIX + ".pth")
 
 
+def scratch_name(src: Path, kind: str | None) -> Path:
+    """model_prune_50.pth -> model_prune_50_scratchB.pth (Scratch-B; E by default), beside it."""
+    return src.with_name(f"{src.stem}_scratch{kind or 'E'}.pth")
+
+
 def output_path(run: RunConfig) -> Path | None:
     """Where a command writes its main checkpoint (None for evaluate)."""
     if run.output:
         return Path(run.output)
+    if run.command == "train" and run.scratch_from:
+        return scratch_name(Path(run.scratch_from), run.scratch)
     if run.command == "train":
         return CHECKPOINTS / (SPARSE if run.sparsity > 0 else DENSE)
     if run.command == "prune":
@@ -72,6 +80,24 @@ def run_paths(output: Path) -> dict[str, Path]:
     """Files a run writes next to its best checkpoint ``output``."""
     return {"best": output, "last": output.with_name(output.stem + ".last.pth"),
             "csv": output.with_name(output.stem + "_metrics.csv")}
+
+
+LOCK_SUFFIX = ".lock"  # <output stem>.lock: held while a run writes its outputs
+STUDY_LOCK = "slimtune.lock"  # a pipeline's, in its --workdir
+
+
+def lock_file(run: RunConfig) -> tuple[str, Path] | None:
+    """(what it guards, lock file) of a run that writes files: ``<output stem>.lock`` beside its
+    output, a pipeline's in its --workdir; None for a command that writes no file."""
+    if run.command == "pipeline" and run.job:  # one job of a study: its files only
+        return (f"--workdir {run.workdir} --job {run.job}",
+                Path(run.workdir) / f"{Path(STUDY_LOCK).stem}.{run.job}{LOCK_SUFFIX}")
+    if run.command == "pipeline":
+        return f"--workdir {run.workdir}", Path(run.workdir) / STUDY_LOCK
+    out = output_path(run) if run.command in ("train", "finetune", "prune") else None
+    if out is None:
+        return None
+    return f"--output {out}", out.with_name(out.stem + LOCK_SUFFIX)
 
 
 def written_files(run: RunConfig) -> list[tuple[str, Path]]:

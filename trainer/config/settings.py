@@ -20,6 +20,7 @@ Pure Python: the launcher reads this module without importing torch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,11 @@ MODES = ("ddp", "dp")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 SCOPES = ("all", "prunable")
 BUDGET_KINDS = ("params", "macs")
+CRITERIA = ("bn", "l1", "l2", "random", "taylor")  # channel criteria (trainer.prune.criteria)
+ALLOCATIONS = ("global", "uniform")
+SCRATCH = ("E", "B")  # Scratch-E / Scratch-B (Liu et al., ICLR 2019)
+# prune --bn-recalibrate: batches of adaptive BN (chosen by measurement: BENCHMARKS.md)
+BN_RECALIBRATE = 20
 RUNTIMES = ("torch", "onnxruntime")  # what profile/compare --latency time
 DEVICES = ("cpu", "cuda")  # where they time it
 
@@ -106,6 +112,14 @@ class RunConfig:
     checkpoint: str | None = setting(None, "Input checkpoint (.pth).", "result")
     init: str | None = setting(None, "Start from this checkpoint's weights instead of from "
                                "scratch (default: from scratch).", "result")
+    scratch_from: str | None = setting(None, "Train the architecture (widths) of this pruned "
+                                       "checkpoint from a fresh initialisation, without "
+                                       "sparsity: the baseline of Liu et al., ICLR 2019.",
+                                       "result", affects=("train",))
+    scratch: str | None = setting(None, f"With --scratch-from: {_or(SCRATCH)}. E = --epochs "
+                                  "epochs (Scratch-E); B = ⌊epochs × MACs(unpruned) / "
+                                  "MACs(pruned)⌋, the same compute (Scratch-B); default E.",
+                                  "result", affects=("train",))
     gamma_init: float = setting(1.0, "From scratch: every BatchNorm γ starts here (the lab's "
                                 "ResNets: each block's last BN at 0; default: the --arch "
                                 "recipe); the network-slimming code uses 0.5.", "result")
@@ -165,6 +179,23 @@ class RunConfig:
                          affects=PRUNING)
     min_channels: int = setting(1, "Fewest channels any pruned layer keeps.", "result",
                                 affects=PRUNING)
+    criterion: str = setting("bn", f"Channel criterion: {_or(CRITERIA)}. bn = |γ| (network "
+                             "slimming); l1/l2 = norm of the filter making the channel (Li et "
+                             "al. 2017); random (seeded by --seed); taylor = |activation × "
+                             "gradient| on --taylor-batches training batches (Molchanov et al.). "
+                             "l1, l2 and taylor are divided by each layer's mean, so that one "
+                             "threshold fits all layers.", "result", affects=PRUNING)
+    allocation: str = setting("global", f"{_or(ALLOCATIONS)}. global = one threshold across "
+                              "the model; uniform = remove ⌊ratio·C⌋ of the C channels of every "
+                              "pruned layer (with a budget: the least-pruned such model within "
+                              "it).", "result", affects=PRUNING)
+    taylor_batches: int = setting(10, "Training batches the taylor criterion averages over.",
+                                  "result", affects=PRUNING)
+    bn_recalibrate: int = setting(BN_RECALIBRATE, "Re-estimate the pruned model's BatchNorm "
+                                  "statistics on this many training batches (cumulative "
+                                  "average; adaptive BN, Li et al. 2020) before measuring its "
+                                  "accuracy, and keep them in the pruned file; 0 = off (the "
+                                  "unpruned network's statistics).", "result", affects=PRUNING)
     eval: bool = setting(True, "Measure test accuracy before and right after pruning.",
                          "recorded")
     # pipeline
@@ -178,6 +209,9 @@ class RunConfig:
                                  "recorded")
     workdir: str = setting(".", "Outputs go to <workdir>/checkpoints and <workdir>/plots.",
                            "recorded")
+    job: str | None = setting(None, "Run one job of the study only: sparse, a target's chain "
+                              "(its tag, e.g. 50 or 4M) or report; what --jobs, --gpus-per-job "
+                              "and --slurm start (default: the whole study).", "volatile")
     # device / process
     seed: int = setting(0, "Random seed (same initial model on every rank; per-rank "
                         "augmentation).", "result")
@@ -209,6 +243,9 @@ class RunConfig:
                            "volatile")
     force_resume: bool = setting(False, "Resume even if result-changing settings differ.",
                                  "volatile")
+    overwrite: bool = setting(False, "Replace what an earlier run left at the outputs (its "
+                              "best checkpoint and resume state; pipeline: its --workdir); "
+                              "without it such a run is refused.", "volatile")
     json: bool = setting(False, "Print one JSON object instead of a table.", "volatile")
     # launcher only
     gpus: int | None = setting(None, "Processes/GPUs to use (default: every visible GPU).",
@@ -223,8 +260,23 @@ class RunConfig:
                                 "launcher")
     main_process_ip: str | None = setting(None, "IP of the machine-rank-0 node (multi-node).",
                                           "launcher")
-    main_process_port: int = setting(29500, "Port of the main process (multi-node).",
-                                     "launcher")
+    main_process_port: int = setting(29500, "Port of the main process (multi-node; on one "
+                                     "machine a port other than 29500 is used as given, else "
+                                     "a free one is picked).", "launcher")
+    # many jobs (launch.pool): a study's independent jobs side by side
+    jobs: int | None = setting(None, "Run the study's jobs side by side, at most this many at "
+                               "once: after the sparse stage, each target's chain (prune -> "
+                               "fine-tune, all its rounds) is a job, with its own log in "
+                               "<workdir>/logs/; with --cpu the cores are split between them "
+                               "(default: one after another in this process).", "launcher")
+    gpus_per_job: int | None = setting(None, "GPUs of each job of the study (of --gpus or "
+                                       "--gpu-ids, default every visible GPU): jobs run on "
+                                       "disjoint GPU sets, each with its own rendezvous port; "
+                                       "the rest wait in a queue.", "launcher")
+    slurm: str | None = setting(None, "Write an sbatch script to this file instead of running: "
+                                "SLURM job arrays with one task per job of the study (each the "
+                                "same command with --resume), the report after them; submit it "
+                                "with: bash FILE.", "launcher")
     # filled in by the worker: total processes of the job
     num_processes: int = setting(1, "Processes of the job.", "result", option=False)
 
@@ -283,7 +335,13 @@ def option_type(name: str) -> Any:
     declared = RunConfig.__dataclass_fields__[name].metadata["cli"]
     if declared is not None:
         return declared | None
-    return typing.get_type_hints(RunConfig)[name]
+    return _type_hints()[name]
+
+
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    # resolving RunConfig's string annotations takes ~2 ms a call; the app makes ~270 calls
+    return typing.get_type_hints(RunConfig)
 
 
 def option_names() -> tuple[str, ...]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,7 +27,7 @@ from torchvision import transforms as T
 
 from trainer.data import synthetic
 from trainer.config.settings import DATASETS
-from trainer.errors import DataError
+from trainer.errors import DataError, cut
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -50,6 +51,7 @@ class Datasets:
     train_arrays: tuple[torch.Tensor, torch.Tensor] | None
     test_arrays: tuple[torch.Tensor, torch.Tensor] | None
     classes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # what reading the files skipped, said once by the main process
 
 
 def train_transform(image_size: int, mean, std, resize: bool = False) -> T.Compose:
@@ -200,17 +202,40 @@ def _download_cifar(cls: type, title: str, data_dir: str) -> None:
     """Fetch and unpack the official archive into data_dir; DataError on any failure."""
     folder = cls.base_folder
     old = socket.getdefaulttimeout()
+    # what a failed download must not leave behind: the folders it made, a partial archive
+    made = _missing_folders(Path(data_dir))
+    archive = Path(data_dir) / cls.filename
+    had_archive = archive.exists()
     # torchvision's urlopen has no timeout: a firewalled network would hang for minutes.
     socket.setdefaulttimeout(DOWNLOAD_SOCKET_TIMEOUT)
     try:
         torchvision.datasets.utils.download_and_extract_archive(
             cls.url, data_dir, filename=cls.filename, md5=cls.tgz_md5)
-    except Exception as e:  # noqa: BLE001 - any network/disk failure becomes one line
+    except BaseException as e:
+        if not had_archive:
+            archive.unlink(missing_ok=True)
+        for made_folder in made:  # deepest first
+            try:
+                made_folder.rmdir()
+            except OSError:
+                break
+        if not isinstance(e, Exception):
+            raise  # a stop or an interrupt stays one
         raise DataError(f"{title} not found in {data_dir} and could not be downloaded "
                         f"({_one_line(e)}); put {folder}/ in {data_dir} or pass "
                         "--data-dir") from None
     finally:
         socket.setdefaulttimeout(old)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    here = Path(os.path.abspath(folder))
+    while not os.path.lexists(here) and here != here.parent:
+        missing.append(here)
+        here = here.parent
+    return missing
 
 
 def _cifar_file_names(cls: type) -> list[str]:
@@ -336,6 +361,106 @@ def _load_rgb(path: str) -> Image.Image:
                         "it") from None
 
 
+class _ImageFolder(torchvision.datasets.DatasetFolder):
+    """torchvision's DatasetFolder over :func:`scan_images` (links followed once, each image
+    counted once, no empty class); what the scan skipped is in ``notes``."""
+
+    notes: tuple[str, ...] = ()
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None,
+                     allow_empty=False):
+        samples, self.notes = scan_images(Path(directory), class_to_idx)
+        return samples
+
+
+def scan_images(root: Path, class_to_idx: dict[str, int]) -> tuple[list[tuple[str, int]],
+                                                                    tuple[str, ...]]:
+    """(path, class index) of every image under ``root/<class>/`` and notes on what was
+    skipped. Links are followed, except a folder link back into a folder it sits in (a loop:
+    followed, 'emu/loop -> ..' made 41 nested copies of the set, and two such loops made paths
+    without end) and a link into another class's folder (its images are that class's). Each
+    image is counted once, by its resolved path. DataError naming the classes without one."""
+    roots = {name: os.path.realpath(root / name) for name in class_to_idx}
+    samples, seen, skipped = [], set(), {"loop": [], "other class": []}
+    empty = []
+    for name, index in sorted(class_to_idx.items(), key=lambda item: item[1]):
+        others = tuple(r for n, r in roots.items() if n != name and not _inside(roots[name], r))
+        found = 0
+        for path in _image_files(root / name, others, skipped):
+            real = os.path.realpath(path)
+            if real not in seen:
+                seen.add(real)
+                samples.append((path, index))
+                found += 1
+        if not found:
+            empty.append(name)
+    if empty:
+        _no_images(root, empty, len(class_to_idx))
+    notes = tuple(f"skipped {len(links)} link(s) {why} ({links[0][0]} -> {links[0][1]})"
+                  for why, links in (("that loop back into their own folder", skipped["loop"]),
+                                     ("into another class's folder", skipped["other class"]))
+                  if links)
+    return samples, notes
+
+
+def _no_images(root: Path, empty: list[str], classes: int) -> None:
+    exts = ", ".join(IMAGE_EXTENSIONS)
+    if len(empty) == classes:
+        raise DataError(f"no usable images in {root} (Found no valid file for the classes "
+                        f"{cut(', '.join(empty), 200)}); put images in {root}/<class>/ "
+                        f"(extensions {exts})")
+    more = (f" (nor in {len(empty) - 1} other class folders: {cut(', '.join(empty[1:]), 120)})"
+            if len(empty) > 1 else "")
+    raise DataError(f"no usable images in {root}/{cut(empty[0], 80)}{more}, while the other "
+                    f"classes have some; put images in it (extensions {exts}) or remove it")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _image_files(top: Path, others: tuple[str, ...],
+                 skipped: dict[str, list[tuple[str, str]]]) -> Iterator[str]:
+    """Image files under ``top`` (sorted, links followed); a folder link to a folder it sits
+    in, or anything resolving into a folder of ``others``, is recorded in ``skipped``; no
+    folder is read twice."""
+    stack, visited = [str(top)], set()
+    while stack:
+        folder = stack.pop()
+        here = os.path.realpath(folder)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        below = []
+        for entry in entries:
+            real = os.path.realpath(entry.path)
+            if any(_inside(real, other) for other in others):
+                skipped["other class"].append((entry.path, real))
+            elif _is_dir(entry) and _inside(here, real):
+                skipped["loop"].append((entry.path, real))
+            elif _is_dir(entry) and real not in visited:
+                visited.add(real)
+                below.append(entry.path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and _is_file(entry):
+                yield entry.path
+        stack.extend(reversed(below))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
 def _image_split(root: Path, size: int, train: bool) -> torchvision.datasets.DatasetFolder:
     """Image folder dataset over root/<class>/*; DataError if root, classes or images lack."""
     if not root.is_dir():
@@ -344,8 +469,7 @@ def _image_split(root: Path, size: int, train: bool) -> torchvision.datasets.Dat
     tf = (train_transform if train else eval_transform)(size, IMAGENET_MEAN, IMAGENET_STD,
                                                         resize=True)
     try:
-        ds = torchvision.datasets.DatasetFolder(str(root), loader=_load_rgb,
-                                                extensions=IMAGE_EXTENSIONS, transform=tf)
+        ds = _ImageFolder(str(root), loader=_load_rgb, extensions=IMAGE_EXTENSIONS, transform=tf)
     except (FileNotFoundError, RuntimeError) as e:
         # torchvision's message repeats the extension list; keep its first sentence
         reason = _one_line(e).split(". ")[0]
@@ -375,6 +499,6 @@ def _build_imagefolder(data_dir: str, image_size: int) -> Datasets:
     if train.classes != test.classes:
         only = sorted(set(train.classes) ^ set(test.classes)) or ["(order)"]
         raise DataError(f"train/ and {test_name}/ in {root} have different class folders "
-                        f"(e.g. {only[0]}); give both the same class subfolders")
+                        f"(e.g. {cut(only[0], 80)}); give both the same class subfolders")
     return Datasets("imagefolder", train, test, len(train.classes), IMAGENET_MEAN, IMAGENET_STD,
-                    None, None, tuple(train.classes))
+                    None, None, tuple(train.classes), notes=train.notes + test.notes)

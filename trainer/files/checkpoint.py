@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from trainer.config.archs import ARCHS, DEFAULT_ARCH, TORCHVISION, get_arch
-from trainer.errors import CheckpointError, UserError
+from trainer.errors import CheckpointError, UserError, cut, shown
 from trainer.files.atomic import atomic_path
 from trainer.files.safeload import safe_torch_load
 from trainer.files.safetensors_io import is_safetensors, load_safetensors
@@ -96,12 +96,22 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> dict[st
                          else safe_torch_load(path))
     state = clean_state_dict(raw["state_dict"])
     name = _arch_of(path, raw, state, arch)
-    fam = family(name)
     _check_types(path, raw, state)
+    try:
+        widths, num_classes = _shape_of(path, raw, state, name)
+    except UserError as exc:
+        raise _as_the_files(exc, path, raw, name) from None
+    return _checked(path, raw, state, name, widths, num_classes)
+
+
+def _shape_of(path, raw: Mapping, state: Mapping, name: str) -> tuple[Any, int]:
+    """The checked widths and class count of the file's model (CheckpointError if its
+    state_dict does not fit them)."""
+    fam = family(name)
     try:
         widths = fam.check_widths(name, _widths_of(path, raw, state, name))
     except ValueError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+        raise CheckpointError(f"{path}: {cut(exc, 300)}") from None
     num_classes = raw.get("num_classes")
     if num_classes is None:
         key = classifier_key(name)
@@ -109,6 +119,20 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> dict[st
             raise CheckpointError(f"{path} has no {key}; it is not a {name} state_dict")
         num_classes = int(state[key].shape[0])
     check_state_dict(state, name, widths, num_classes, source=str(path))
+    return widths, num_classes
+
+
+def _as_the_files(exc: UserError, path, raw: Mapping, name: str) -> UserError:
+    """A family's error about ``--arch NAME``, said of the file when the name is the file's
+    own (the user gave no --arch)."""
+    text, flag = str(exc), f"--arch {name}"
+    if raw.get("arch") and text.startswith(flag):
+        return CheckpointError(f"{path}: the checkpoint's arch {name}{text[len(flag):]}")
+    return exc
+
+
+def _checked(path, raw: Mapping, state: Mapping, name: str, widths: Any,
+             num_classes: int) -> dict[str, Any]:
     ckpt = {k: v for k, v in raw.items() if k != "bare"}
     ckpt.update(format_version=raw.get("format_version", 0), arch=name,
                 num_classes=num_classes, cfg=widths, state_dict=state)
@@ -138,22 +162,33 @@ def _as_checkpoint(path, raw: Any) -> dict[str, Any]:
         if "state_dict" in raw:
             kind = type(raw["state_dict"]).__name__
             raise CheckpointError(f"{path}: 'state_dict' is a {kind}, not a dict")
-        keys = [str(k) for k in raw]
-        shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} keys)" if len(keys) > 5 else "")
         missing = "cfg" if "cfg" not in raw else "state_dict"
-        raise CheckpointError(f"{path} has no '{missing}' (keys: {shown or 'none'}); "
+        raise CheckpointError(f"{path} has no '{missing}' (keys: {_keys_text(raw)}); "
                               "expected a checkpoint with cfg and state_dict")
     return dict(raw)
 
 
+def _keys_text(keys) -> str:
+    """The first keys of a file's dict, each cut short: 'cfg, state_dict, ... (9 keys)'."""
+    keys = [cut(str(k), 40) for k in keys]
+    return ", ".join(keys[:5]) + (f", ... ({len(keys)} keys)" if len(keys) > 5 else "") or "none"
+
+
 def _arch_of(path, raw: Mapping, state: Mapping, arch: str | None) -> str:
     """The file's own arch, else ``arch``, else what its keys show, else the lab's."""
-    name = raw.get("arch") or arch or detect_arch(state) or DEFAULT_ARCH
+    own = raw.get("arch")
+    if own is not None and not isinstance(own, str):
+        kind = type(own).__name__
+        raise CheckpointError(f"{path}: the checkpoint's arch is {shown(own)} (a"
+                              f"{'n' if kind[:1] in 'aeiou' else ''} {kind}), not an architecture "
+                              "name; the file was edited or damaged: re-create it")
+    name = own or arch or detect_arch(state) or DEFAULT_ARCH
     try:
         get_arch(name)
     except UserError:  # an unknown name, said as a flag: say it is the file's
-        raise CheckpointError(f"{path} names the architecture {name!r}, which slimtune does not "
-                              f"know; it slims {', '.join(ARCHS)} and {TORCHVISION}NAME") from None
+        raise CheckpointError(f"{path} names the architecture {shown(name)}, which slimtune does "
+                              f"not know; it slims {', '.join(ARCHS)} and {TORCHVISION}NAME"
+                              ) from None
     return name
 
 
@@ -167,11 +202,10 @@ def _widths_of(path, raw: Mapping, state: Mapping, arch: str) -> Any:
         if raw.get("bare"):
             raise CheckpointError(
                 f"{path} is a bare state_dict ({len(state)} tensors, first "
-                f"{next(iter(state), None)!r}) that is not the lab ResNet-50's nor another "
+                f"{shown(next(iter(state), None))}) that is not the lab ResNet-50's nor another "
                 "architecture slimtune knows; give a slimtune or lab checkpoint {cfg, "
                 "state_dict}, or name its architecture with --arch") from None
-        keys = [str(k) for k in raw]
-        raise CheckpointError(f"{path} has no 'cfg' (keys: {', '.join(keys[:5])}) and its "
+        raise CheckpointError(f"{path} has no 'cfg' (keys: {_keys_text(raw)}) and its "
                               f"state_dict is not a {arch}'s; expected a checkpoint with cfg "
                               "and state_dict") from None
 
@@ -205,12 +239,13 @@ def _check_types(path, raw: Mapping, state: Mapping) -> None:
         odd_tensor = isinstance(value, torch.Tensor) and (kind is not _NUMBER or value.numel() != 1)
         if value is not None and (isinstance(value, bool) or not isinstance(value, kind)
                                   or odd_tensor):
-            raise CheckpointError(f"{path}: {name} is a {type(value).__name__} ({value!r:.40}), "
+            raise CheckpointError(f"{path}: {cut(name, 80)} is a {type(value).__name__} "
+                                  f"({value!r:.40}), "
                                   "not what slimtune writes; the file was edited or damaged: "
                                   "re-create it")
     bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
     if bad is not None:
-        raise CheckpointError(f"{path}: state_dict entry {bad!r} is a "
+        raise CheckpointError(f"{path}: state_dict entry {shown(bad)} is a "
                               f"{type(state[bad]).__name__}, not a tensor; the file was edited "
                               "or damaged: re-create it")
 
@@ -218,36 +253,56 @@ def _check_types(path, raw: Mapping, state: Mapping) -> None:
 def check_state_dict(state: Mapping[str, torch.Tensor], arch: str, widths: Any,
                      num_classes: int, source: str = "checkpoint") -> None:
     """Raise CheckpointError if ``state`` does not fit ``arch`` at ``widths``."""
-    expected = _expected_shapes(arch, widths, num_classes, source)
+    expected = _expected_shapes(arch, widths, num_classes, source, state)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     for key, shape in expected.items():
         if key in state and tuple(state[key].shape) != shape:
             entry = family(arch).widths_entry(arch, widths, key)
-            raise CheckpointError(f"{source}: {key} has shape {tuple(state[key].shape)} but the "
-                                  f"cfg ({entry}) expects {shape}; cfg and state_dict disagree")
+            raise CheckpointError(f"{source}: {cut(key, 80)} has shape "
+                                  f"{cut(tuple(state[key].shape), 80)} but the cfg "
+                                  f"({cut(entry, 120)}) expects {cut(shape, 80)}; cfg and "
+                                  "state_dict disagree")
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} keys (first: {missing[0]})")
+            parts.append(f"missing {len(missing)} keys (first: {cut(missing[0], 80)})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
+            parts.append(f"{len(unexpected)} unexpected keys (first: "
+                         f"{cut(unexpected[0], 80)})")
         raise CheckpointError(f"{source}: state_dict does not match {arch}: {'; '.join(parts)}")
 
 
-def _expected_shapes(arch: str, widths: Any, num_classes: int,
-                     source: str) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(arch: str, widths: Any, num_classes: int, source: str,
+                     state: Mapping[str, torch.Tensor] | None = None
+                     ) -> dict[str, tuple[int, ...]]:
     fam = family(arch)
     try:
-        if get_arch(arch).family == "torchvision":  # replaying its history needs real tensors
-            model = fam.build(arch, num_classes, widths)
-        else:
-            with torch.device("meta"):
+        try:
+            with torch.device("meta"):  # shapes without weights: a file's claim costs nothing
                 model = fam.build(arch, num_classes, widths)
-    except (ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        except NotImplementedError:  # a constructor that reads tensor values (RegNet's widths)
+            return _shapes_without_meta(fam, arch, widths, num_classes, state)
+    except (ValueError, AttributeError, IndexError, RuntimeError, NotImplementedError) as exc:
         raise CheckpointError(f"{source}: its cfg does not rebuild a {arch} ({type(exc).__name__}"
                               f": {str(exc)[:120]}); the file was edited or damaged") from None
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _shapes_without_meta(fam, arch: str, widths: Any, num_classes: int,
+                         state: Mapping[str, torch.Tensor] | None) -> dict[str, tuple[int, ...]]:
+    """Shapes of a model whose constructor cannot run on the meta device: its unpruned form
+    with empty weights first (a 644M-parameter RegNet costs nothing so); the real model is
+    built only to replay a pruning history, and only for a file whose keys are the model's
+    (a small file claiming a huge model is refused before its weights are made)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        empty = fam.build(arch, num_classes, fam.default_widths(arch))
+    shapes = {k: tuple(v.shape) for k, v in empty.state_dict().items()}
+    if widths == fam.default_widths(arch) or (state is not None and set(state) != set(shapes)):
+        return shapes  # unpruned: these are its shapes; other keys: check_state_dict says which
+    return {k: tuple(v.shape) for k, v in fam.build(arch, num_classes, widths).state_dict().items()}
 
 
 def build_model(ckpt: Mapping[str, Any]) -> nn.Module:

@@ -42,7 +42,7 @@ from trainer.config.exports import (
     resolve_output,
 )
 from trainer.errors import UserError
-from trainer.files.atomic import atomic_path
+from trainer.files.atomic import atomic_path, refuse_replacing_checkpoint, refuse_special
 from trainer.files.checkpoint import (
     build_model,
     load_checkpoint,
@@ -212,6 +212,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, output: str | os.
         require_onnx()
         check_opset(opset)
     out = resolve_output(checkpoint, fmt, output)
+    option = "--output" if output is not None else "the default output"
+    refuse_special(out, option)
+    refuse_replacing_checkpoint(out, option)  # an export never takes a checkpoint's place
     ckpt = load_checkpoint(checkpoint)
     if input_size is None:  # the size it was trained at
         input_size = trained_input_size(ckpt)

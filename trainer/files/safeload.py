@@ -27,6 +27,7 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         raise CheckpointError(f"{what} {path} is a folder; give the path of a .pth file")
     if not os.access(path, os.R_OK):
         raise CheckpointError(f"{what} {path} is not readable; check its permissions")
+    _refuse_inflation(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -60,6 +61,30 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         raise CheckpointError(
             f"{what} {path} is not a torch checkpoint ({type(exc).__name__}: "
             f"{_first_line(exc)}); give a .pth file written by torch.save") from None
+
+
+# torch.save stores its zip members uncompressed; a re-zipped file may be compressed, but not
+# this much: a 4 MB file of deflated zeros took 1.9 GB to refuse.
+MAX_INFLATION = 16
+INFLATION_SLACK = 16 << 20
+
+
+def _refuse_inflation(path: Path, what: str) -> None:
+    """CheckpointError for a zip whose compressed members would unpack to far more than the
+    file's size (a zip bomb), found from its directory before anything is unpacked."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not a zip (a legacy torch file) or a broken one: torch.load says which
+    packed = [m for m in members if m.compress_type != zipfile.ZIP_STORED]
+    unpacked = sum(m.file_size for m in members)
+    size = path.stat().st_size
+    if packed and unpacked > MAX_INFLATION * size + INFLATION_SLACK:
+        raise CheckpointError(
+            f"{what} {path} was refused: its {len(packed)} compressed part(s) would unpack to "
+            f"{unpacked / 1e6:,.0f} MB from a {size / 1e6:,.1f} MB file (torch.save never "
+            "compresses; nothing was unpacked); re-save it with torch.save")
 
 
 def _weights_only_reason(text: str) -> str:

@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from trainer.config.exports import SAFETENSORS_SUFFIX as SUFFIX
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, shown
 from trainer.files.atomic import atomic_path
 
 # The header's first 8 bytes are its length (little-endian u64); the JSON starts at byte 8.
@@ -114,13 +114,56 @@ def _check_readable(path: Path, what: str) -> None:
         raise CheckpointError(f"{what} {path} is not readable; check its permissions")
 
 
+MAX_DEPTH = 32  # nesting of a header field's JSON; slimtune's own fields nest 3 deep
+
+
 def _parse(path: Path, key: str, text: str) -> Any:
+    """A header field's JSON value: valid, at most MAX_DEPTH deep (a deeper one crashed the
+    parser), and with finite numbers only ('1e999999' reads as infinity)."""
+    def refused(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: the safetensors header field {shown(key)} {why}; the "
+                               "file was edited or damaged: re-create it")
+
+    if _depth(text) > MAX_DEPTH:
+        raise refused(f"nests deeper than {MAX_DEPTH} levels")
     try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: the safetensors header field {key!r} is not valid JSON "
-                              f"({_line(exc)}); the file was edited or damaged: re-create "
-                              "it") from None
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except _NotFinite as exc:
+        raise refused(f"holds the number {exc}, which is not finite") from None
+    except (ValueError, RecursionError) as exc:
+        raise refused(f"is not valid JSON ({_line(exc)})") from None
+
+
+class _NotFinite(Exception):
+    pass
+
+
+def _no_constant(name: str) -> float:
+    raise _NotFinite(name)  # NaN, Infinity, -Infinity
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise _NotFinite(text[:40])
+    return value
+
+
+def _depth(text: str) -> int:
+    """The deepest nesting of [ and { outside strings (counted without parsing)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (not escaped and ch == "\\"), in_string and (escaped or ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _line(exc: BaseException) -> str:

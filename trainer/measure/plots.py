@@ -134,8 +134,10 @@ def _mark_best(ax: plt.Axes, epochs: list[float], test_acc: list[float] | None,
 
 
 def plot_gamma_hist(gammas: Any, path: str | os.PathLike, *, threshold: float | None,
-                    title: str, log_count: bool = True, label: str | None = None) -> Path:
-    """Histogram of |γ| over all BatchNorm channels, with the pruning threshold marked.
+                    title: str, log_count: bool = True, label: str | None = None,
+                    xlabel: str | None = None) -> Path:
+    """Histogram of |γ| over all BatchNorm channels (or another criterion's channel scores,
+    named by ``xlabel``), with the pruning threshold marked (None: no line).
 
     ``gammas`` is a 1-D array or tensor; ``label`` names the threshold line (default
     "threshold <value>"). The count axis is logarithmic unless ``log_count`` is False.
@@ -164,7 +166,7 @@ def plot_gamma_hist(gammas: Any, path: str | os.PathLike, *, threshold: float | 
         ax.axvline(threshold, color="#d62728", ls="--", lw=1.8,
                    label=f"{text}\n{below:,} of {values.size:,} channels ≤ threshold "
                          f"({100 * below / values.size:.1f}%)")
-    ax.set_xlabel("|γ| (BatchNorm scale)")
+    ax.set_xlabel(xlabel or "|γ| (BatchNorm scale)")
     ax.set_ylabel("channels (count, log scale)" if log_count else "channels (count)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -297,3 +299,55 @@ def _bars(ax: plt.Axes, labels: list[str], values: list[float], texts: list[str]
                        fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
+
+
+# prune --criterion -> colour of its line in the accuracy-vs-MACs figure
+CRITERION_COLORS = {"bn": "#1f77b4", "l1": "#ff7f0e", "l2": "#2ca02c", "random": "#7f7f7f",
+                    "taylor": "#9467bd"}
+ALLOCATION_STYLES = {"global": ("-", "o"), "uniform": ("--", "s")}
+ACC_PANELS = (("acc_after", "right after pruning\n(adaptive BN)"),
+              ("best_acc", "after fine-tuning"), ("scratch_acc", "trained from scratch"))
+
+
+def plot_accuracy_vs_macs(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+                          title: str, baseline: Mapping[str, Any] | None = None) -> Path:
+    """Test accuracy (%) against MACs (M): one line per criterion (colour) and allocation
+    (solid: global, dashed: uniform), one panel per stage that has numbers (right after
+    pruning, fine-tuned, from scratch). ``rows`` have ``criterion``, ``allocation``, ``macs``
+    and the accuracies (``acc_after``, ``best_acc``, ``scratch_acc``; with ``<key>_std``: error
+    bars); ``baseline`` (``macs``, ``best_acc``): the unpruned model, a star and a line."""
+    panels = [(k, name) for k, name in ACC_PANELS if any(r.get(k) is not None for r in rows)]
+    if not panels:
+        raise ValueError("no accuracies to plot")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), sharey=True,
+                             squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels):
+        _criterion_lines(ax, rows, key)
+        if baseline and baseline.get("best_acc") is not None:
+            ax.axhline(baseline["best_acc"], color="0.4", ls=":", lw=1)
+            ax.plot([baseline["macs"] / 1e6], [baseline["best_acc"]], marker="*", ms=13,
+                    color="gold", mec="black", ls="none", label="unpruned")
+        ax.set_title(name)
+        ax.set_xlabel("MACs (millions)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(title, fontsize=12)
+    return _save(fig, path)
+
+
+def _criterion_lines(ax: plt.Axes, rows: Sequence[Mapping[str, Any]], key: str) -> None:
+    """One line per (criterion, allocation) through its rows' (MACs, ``key``), by MACs."""
+    series: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r.get(key) is not None and r.get("macs"):
+            series.setdefault((r.get("criterion", "bn"), r.get("allocation", "global")),
+                              []).append(r)
+    for (criterion, allocation), points in series.items():
+        points = sorted(points, key=lambda r: r["macs"])
+        ls, marker = ALLOCATION_STYLES.get(allocation, ("-.", "^"))
+        stds = [r.get(f"{key}_std") for r in points]
+        ax.errorbar([r["macs"] / 1e6 for r in points], [r[key] for r in points],
+                    yerr=None if None in stds else stds, ls=ls, marker=marker, capsize=3,
+                    color=CRITERION_COLORS.get(criterion, "black"),
+                    label=f"{criterion}, {allocation}")

@@ -38,6 +38,7 @@ from trainer.files.checkpoint import (
 )
 from trainer.files.export import INPUT_NAME, export_onnx, onnx_session
 from trainer.models.family import unwrap_model
+from trainer.prune.engine import copy_to_meta
 
 # Every stride-2 layer (3x3 conv pad 1, 3x3 max-pool pad 1, 1x1 downsample conv) maps a
 # 1x1 map to 1x1, and eval-mode BatchNorm needs no spatial statistics, so the network
@@ -57,6 +58,35 @@ def check_input_size(input_size: Any) -> int:
             f"(pixels per side); got {input_size!r}. CIFAR images are 32"
         )
     return input_size
+
+
+def check_input_fits(model: nn.Module, size: int, flag: str = "--input-size") -> None:
+    """UserError when ``model`` cannot run on ``size`` x ``size`` images (VGG's five max-pools
+    need 32), naming the smallest size it runs at. Run on a weightless copy where the family
+    has one (else a CPU copy), one image, in eval mode: the model is untouched."""
+    bare = unwrap_model(model)
+    shape = copy_to_meta(bare).eval()
+    device = next(shape.parameters()).device
+
+    def error_at(side: int) -> str | None:
+        try:
+            with torch.no_grad():
+                shape(torch.zeros(1, 3, side, side, device=device))
+        except (RuntimeError, ValueError, IndexError) as exc:
+            lines = str(exc).strip().splitlines()
+            return (lines[0] if lines else type(exc).__name__)[:160]
+        return None
+
+    why = error_at(size)
+    if why is None:
+        return
+    low, high = size, next((s for s in (2 ** k for k in range(1, 13)) if s > size
+                            and error_at(s) is None), None)
+    while high is not None and high - low > 1:  # the smallest side it runs at
+        mid = (low + high) // 2
+        low, high = (low, mid) if error_at(mid) is None else (mid, high)
+    fix = f"use {flag} {high} or more" if high else f"choose another {flag}"
+    raise UserError(f"{flag} {size} is too small for {bare.arch} ({why}); {fix}")
 
 
 def _check_batch(batch: Any, what: str = "batch") -> int:
@@ -83,6 +113,7 @@ def profile_model(model: nn.Module, input_size: int = 32, batch: int = 1) -> dic
     size = check_input_size(input_size)
     batch = _check_batch(batch)
     bare = unwrap_model(model)
+    check_input_fits(bare, size)
     params = sum(p.numel() for p in bare.parameters())
     work = _cpu_copy(bare)
     x = torch.zeros(batch, 3, size, size)
@@ -190,26 +221,124 @@ def measure_latencies(models: Mapping[str, nn.Module], device: str | torch.devic
     device = torch.device(device)
     _check_latency_args(device, runtime, warmup, repeats)
     batches = [_check_batch(b) for b in batches]
+    for model in models.values():
+        check_input_fits(model, size)
+        check_batches_fit(model, batches, size, device)
+    at = {"batch": batches[0]}  # the batch being made or timed, for an out-of-memory message
+    try:
+        times = _time_rounds(models, device, size, batches, warmup, repeats, runtime, at)
+    except (RuntimeError, MemoryError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        raise UserError(f"--batch-sizes {at['batch']}: out of memory timing a batch of "
+                        f"{at['batch']:,} images of 3×{size}×{size} on {device} "
+                        f"({_first_line(exc)}); give smaller --batch-sizes") from None
+    head = {"device": str(device), "runtime": runtime, "threads": torch.get_num_threads(),
+            "input_size": size, "warmup": warmup, "repeats": repeats}
+    return {name: {**head, "batches": [_summary(b, times[name, b]) for b in batches]}
+            for name in models}
+
+
+def _time_rounds(models: Mapping[str, nn.Module], device: torch.device, size: int,
+                 batches: list[int], warmup: int, repeats: int, runtime: str,
+                 at: dict[str, int]) -> dict[tuple[str, int], list[float]]:
+    """The milliseconds of every (model, batch): warm-up, then interleaved rounds."""
     with tempfile.TemporaryDirectory(prefix="slimtune-latency-") as folder, torch.no_grad():
         runners = {name: (_onnx_runner(m, folder, i, size) if runtime == "onnxruntime"
                           else _torch_runner(m, device))
                    for i, (name, m) in enumerate(models.items())}
-        xs = _inputs(batches, size, device, runtime)
+        xs = {}
+        for b in batches:
+            at["batch"] = b
+            xs.update(_inputs([b], size, device, runtime))
         timer_device = device if runtime == "torch" else torch.device("cpu")
         for run in runners.values():
             for b in batches:
+                at["batch"] = b
                 for _ in range(warmup):
                     _timed_ms(run, xs[b], timer_device)
         times: dict[tuple[str, int], list[float]] = {(n, b): [] for n in runners for b in batches}
         for _ in range(repeats):
             for name, run in runners.items():
                 for b in batches:
+                    at["batch"] = b
                     times[name, b].append(_timed_ms(run, xs[b], timer_device))
         del runners
-    head = {"device": str(device), "runtime": runtime, "threads": torch.get_num_threads(),
-            "input_size": size, "warmup": warmup, "repeats": repeats}
-    return {name: {**head, "batches": [_summary(b, times[name, b]) for b in batches]}
-            for name in models}
+    return times
+
+
+def check_batches_fit(model: nn.Module, batches: Sequence[int], size: int,
+                      device: torch.device) -> None:
+    """UserError for a batch whose input and largest layer output (eval mode, no grad: the
+    least a forward pass holds at once) exceed the memory free on ``device``: found before
+    allocating, as a kernel out-of-memory kill gives no message at all."""
+    free = _free_bytes(device)
+    if free is None:
+        return
+    per_image = 4 * (3 * size * size + 2 * _largest_output(model, size))
+    for b in batches:
+        if b * per_image > free:
+            raise UserError(f"--batch-sizes {b}: a batch of {b:,} images of 3×{size}×{size} "
+                            f"needs at least {b * per_image / 1e9:,.1f} GB on {device} and "
+                            f"{free / 1e9:,.1f} GB are free (out of memory); give smaller "
+                            "--batch-sizes")
+
+
+def _largest_output(model: nn.Module, size: int) -> int:
+    """The most elements one layer outputs for one image (a weightless copy where possible)."""
+    shape = copy_to_meta(unwrap_model(model)).eval()
+    device = next(shape.parameters()).device
+    largest = [0]
+
+    def hook(_module, _inputs, output):
+        if isinstance(output, torch.Tensor):
+            largest[0] = max(largest[0], output.numel())
+
+    handles = [m.register_forward_hook(hook) for m in shape.modules()]
+    try:
+        with torch.no_grad():
+            shape(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return largest[0]
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory free for a new allocation: the device's, or on the CPU the smaller of what Linux
+    has available and what this process's address-space limit leaves; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY:
+            status = Path("/proc/self/status").read_text()
+            used = next(int(ln.split()[1]) * 1024 for ln in status.splitlines()
+                        if ln.startswith("VmSize:"))
+            free = min(free if free is not None else limit, max(limit - used, 0))
+    except (ImportError, OSError, ValueError, StopIteration):
+        pass
+    return free
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or any(
+        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory"))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:160]
 
 
 def _summary(batch: int, ms: list[float]) -> dict[str, Any]:

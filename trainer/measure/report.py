@@ -249,6 +249,15 @@ def _rows_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return _md_table(headers, body)
 
 
+COMPARISON_NOTE = (
+    "Test accuracy (%) per channel criterion (bn: |γ|, Liu et al. 2017; l1/l2: filter norms, "
+    "Li et al. 2017; random; taylor: Molchanov et al.) and allocation (global: one threshold; "
+    "uniform: the same ratio in every layer). Right after pruning it is measured twice: with "
+    "the unpruned network's BatchNorm statistics (stale) and after re-estimating them on "
+    "training batches (adaptive BN, Li et al. 2020). Scratch: the pruned architecture trained "
+    "from a fresh initialisation (Liu et al. 2019; B: the epochs times the MACs saved).")
+
+
 @dataclass
 class StudyRow:
     """One prune -> fine-tune round of a study, as its tables show it."""
@@ -264,6 +273,12 @@ class StudyRow:
     best_acc: float | None  # best test accuracy after fine-tuning (%)
     acc_after: float | None  # test accuracy right after pruning (%)
     macs: int | None = None
+    criterion: str = "bn"  # how channels were scored (prune --criterion)
+    allocation: str = "global"  # prune --allocation
+    acc_after_stale: float | None = None  # right after pruning, the unpruned network's BN stats
+    bn_recalibrate: int = 0  # training batches acc_after's BN statistics were re-estimated on
+    scratch: str | None = None  # E or B: this architecture trained from scratch (train --scratch)
+    scratch_acc: float | None = None  # that run's best test accuracy (%)
 
 
 def _pipeline_markdown(rows: Sequence[StudyRow]) -> list[str]:
@@ -275,17 +290,55 @@ def _pipeline_markdown(rows: Sequence[StudyRow]) -> list[str]:
     return _md_table(headers, body)
 
 
+# The columns of the criteria comparison: (key, header); {n}: the adaptive-BN batches,
+# {kind}: E or B.
+COMPARISON_COLUMNS = (
+    ("acc_after_stale", "right after pruning, stale BN (%)"),
+    ("acc_after", "right after pruning, adaptive BN on {n} batches (%)"),
+    ("best_acc", "fine-tuned (%)"),
+    ("scratch_acc", "Scratch-{kind} (%)"),
+)
+
+
+def comparison_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The criteria study's table: one row per (criterion, allocation, target) with params,
+    MACs and the test accuracy right after pruning (with the unpruned network's BatchNorm
+    statistics, and after adaptive BN), after fine-tuning and trained from scratch. Rows are
+    mappings with :class:`StudyRow`'s keys (``dataclasses.asdict``); a value with a
+    ``<key>_std`` beside it (several seeds) shows as mean ± std. Columns no row has are left
+    out."""
+    n = max((int(r.get("bn_recalibrate") or 0) for r in rows), default=0)
+    kind = next((r["scratch"] for r in rows if r.get("scratch")), "E")
+    columns = [(key, head.format(n=n, kind=kind)) for key, head in COMPARISON_COLUMNS
+               if any(r.get(key) is not None for r in rows)]
+    headers = ["criterion", "allocation", "target", "params (M)", "MACs (M)",
+               *[head for _, head in columns]]
+    body = [[r.get("criterion", "bn"), r.get("allocation", "global"), r["target"],
+             _m(r.get("params")), _m(r.get("macs")), *[_mean_std(r, key) for key, _ in columns]]
+            for r in rows]
+    return _md_table(headers, body)
+
+
+def _mean_std(row: Mapping[str, Any], key: str) -> str:
+    std = row.get(f"{key}_std")
+    return _pct(row.get(key)) if std is None or row.get(key) is None else \
+        f"{row[key]:.2f} ± {std:.2f}"
+
+
 def _ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
 def write_report(workdir: Path, *, title: str, rows: list[dict],
                  figures: list[tuple[str, Path]], pipeline_rows: list[StudyRow] | None = None,
-                 settings: dict | None = None) -> Path:
-    """Write ``<workdir>/report.md``: settings, results table, pipeline table, figures.
+                 settings: dict | None = None,
+                 comparison_rows: Sequence[Mapping[str, Any]] | None = None) -> Path:
+    """Write ``<workdir>/report.md``: settings, results table, pipeline table, the criteria
+    comparison, figures.
 
-    ``rows`` are :func:`compare_rows` dicts; ``pipeline_rows`` a study's rounds; figures are
-    (caption, path) pairs embedded by paths relative to ``workdir``.
+    ``rows`` are :func:`compare_rows` dicts; ``pipeline_rows`` a study's rounds;
+    ``comparison_rows`` the rows of :func:`comparison_markdown`; figures are (caption, path)
+    pairs embedded by paths relative to ``workdir``.
     """
     workdir = Path(workdir)
     lines = [f"# {title}", ""]
@@ -307,6 +360,9 @@ def write_report(workdir: Path, *, title: str, rows: list[dict],
                            [[_label(r), *_latency_cells(r)] for r in rows]) + [""]
     if pipeline_rows:
         lines += ["## Pipeline", ""] + _pipeline_markdown(pipeline_rows) + [""]
+    if comparison_rows:
+        lines += ["## Criteria and baselines", "", COMPARISON_NOTE, ""]
+        lines += comparison_markdown(comparison_rows) + [""]
     if figures:
         lines += ["## Figures", ""]
         for caption, fig in figures:

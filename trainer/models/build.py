@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from trainer.config.archs import ARCHS, get_arch
-from trainer.models.family import Family
+from trainer.models.family import ChannelSelection, Family
 
 
 def family(arch: str) -> Family:
@@ -32,12 +32,25 @@ def new_model(arch: str, num_classes: int, widths: Any = None) -> nn.Module:
     return family(arch).build(arch, num_classes, widths)
 
 
-def fresh_model(arch: str, num_classes: int, gamma: float) -> nn.Module:
-    """The model ``train`` starts from without --init (seed the RNG first): every BatchNorm γ
-    at ``gamma``, then what the family adds (the lab's ResNets: each block's last BN at 0)."""
-    model = new_model(arch, num_classes)
+def fresh_model(arch: str, num_classes: int, gamma: float, widths: Any = None) -> nn.Module:
+    """The model ``train`` starts from without --init (seed the RNG first), at ``widths``
+    (None: unpruned): every BatchNorm γ at ``gamma``, then what the family adds (the lab's
+    ResNets: each block's last BN at 0)."""
+    model = new_model(arch, num_classes, widths)
     family(arch).init_gamma(model, gamma)
     return model
+
+
+def fresh_like(model: nn.Module, gamma: float) -> nn.Module:
+    """A fresh model of ``model``'s architecture and widths (seed the RNG first), as
+    :func:`fresh_model` initialises one: what ``train --scratch-from`` trains. Only the channel
+    selections are ``model``'s: which channels each passes on is the architecture, not a
+    weight."""
+    new = fresh_model(model.arch, model.num_classes, gamma, model.widths)
+    for name, module in new.named_modules():
+        if isinstance(module, ChannelSelection):
+            module.load_state_dict(model.get_submodule(name).state_dict())
+    return new
 
 
 def detect_arch(state: dict) -> str | None:

@@ -22,6 +22,7 @@ from trainer.models.family import (
     Slicing,
     check_int_widths,
     check_num_classes,
+    filter_norms_of,
     he_init,
     selected_units,
     transfer,
@@ -135,8 +136,15 @@ class DenseNetFamily(Family):
     def widths_from_state(self, arch, state):
         return [int((state[f"{_prefix(n)}select.indexes"] > 0).sum()) for n in bn_names(arch)]
 
-    def units(self, model):
-        return selected_units(model, bn_names(model.arch), lambda n: f"{_prefix(n)}select")
+    def units(self, model, bn_score=None):
+        return selected_units(model, bn_names(model.arch), lambda n: f"{_prefix(n)}select",
+                              bn_score)
+
+    def filter_norms(self, model, p):
+        """Every BatchNorm is kept whole and selected: the input kernels of the conv1 (the
+        final BN: the fc) that reads it."""
+        return filter_norms_of(model, [(f"{_prefix(n)}conv1" if n != "bn" else "fc", 1)
+                                       for n in bn_names(model.arch)], p)
 
     def apply(self, model, masks):
         names = bn_names(model.arch)

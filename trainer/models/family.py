@@ -3,9 +3,10 @@
 A *family* (a module of ``trainer.models`` exporting ``FAMILY``: resnet, vgg, preresnet,
 densenet, and the dependency-graph families of ``trainer.models.graph``) builds its models from
 a list of channel ``widths`` (the lab files' ``cfg``), lists the model's BatchNorm *units* with
-their |γ| (one unit per BatchNorm, or per coupled channel group), and applies keep-masks: a
-new, smaller model with the kept channels' weights. ``trainer.prune.engine`` runs the one
-global-threshold rule over any family.
+a score per channel (|γ|, or another per-BatchNorm score; one unit per BatchNorm, or per coupled
+channel group), gives the norms of the filters that make each unit's channels, and applies
+keep-masks: a new, smaller model with the kept channels' weights. ``trainer.prune.engine`` runs
+the one pruning rule over any family (the criteria: ``trainer.prune.criteria``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from torch import nn
 
 class Unit(NamedTuple):
     """Channels kept or removed together: a BatchNorm (``name``), or a coupled group named by
-    its root layer. ``gamma``: the |γ| of its live channels (a group: its BNs' mean |γ|)."""
+    its root layer. ``score``: one value per live channel, the larger the more worth keeping:
+    a family gives the |γ| (a group: its BNs' mean |γ|); a criterion of
+    ``trainer.prune.criteria`` replaces it."""
 
     name: str
-    gamma: torch.Tensor
+    score: torch.Tensor
     prunable: bool
 
 
@@ -43,7 +46,16 @@ class Family:
         """The widths a bare state_dict of ``arch`` was built with (KeyError if not one)."""
         raise NotImplementedError
 
-    def units(self, model: nn.Module) -> list[Unit]:
+    def units(self, model: nn.Module, bn_score: BNScore = None) -> list[Unit]:
+        """Every unit, scored by ``bn_score(bn)`` (one value per channel of the BatchNorm;
+        None: |γ|) on its live channels."""
+        raise NotImplementedError
+
+    def filter_norms(self, model: nn.Module, p: int) -> list[torch.Tensor]:
+        """Per unit (in :meth:`units` order), the p-norm of the filter that makes each live
+        channel: the output filter of the conv feeding its BatchNorm (Li et al. 2017), or, for a
+        channel selection (its BatchNorm is kept whole), the input kernels of the layer that
+        reads the channel, the weights its removal deletes."""
         raise NotImplementedError
 
     def new_widths(self, model: nn.Module, masks: Sequence[torch.Tensor]) -> Any:
@@ -116,6 +128,26 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def abs_gamma(bn: nn.BatchNorm2d) -> torch.Tensor:
     return bn.weight.detach().abs().float().cpu()
+
+
+# A per-channel score of a BatchNorm (None: |γ|, the network-slimming criterion).
+BNScore = Callable[[nn.BatchNorm2d], torch.Tensor] | None
+
+
+def bn_scorer(bn_score: BNScore) -> Callable[[nn.BatchNorm2d], torch.Tensor]:
+    return abs_gamma if bn_score is None else bn_score
+
+
+def filter_norms_of(model: nn.Module, layers: Sequence[tuple[str, int]],
+                    p: int) -> list[torch.Tensor]:
+    """Per (layer name, dim): the p-norm of each slice of the layer's weight along ``dim`` (0:
+    its output filters, 1: its input kernels), one per channel."""
+    out = []
+    for name, dim in layers:
+        weight = model.get_submodule(name).weight.detach().float().cpu()
+        rows = weight.transpose(0, dim).flatten(1)
+        out.append(rows.abs().pow(p).sum(1).pow(1.0 / p))
+    return out
 
 
 def check_num_classes(num_classes: Any) -> int:
@@ -192,14 +224,14 @@ def transfer(old: nn.Module, new: nn.Module, masks: Sequence[torch.Tensor],
 
 
 def selected_units(model: nn.Module, names: Sequence[str],
-                   select_of: Callable[[str], str | None]) -> list[Unit]:
-    """A prunable unit per BatchNorm in ``names``: the |γ| of the channels that the channel
-    selection named ``select_of(name)`` passes on (every channel where it names none)."""
-    out = []
+                   select_of: Callable[[str], str | None], bn_score: BNScore = None) -> list[Unit]:
+    """A prunable unit per BatchNorm in ``names``: the score (|γ|) of the channels that the
+    channel selection named ``select_of(name)`` passes on (every channel where it names none)."""
+    out, score = [], bn_scorer(bn_score)
     for name in names:
         bn, select = model.get_submodule(name), select_of(name)
         live = live_channels(model.get_submodule(select) if select else None, bn)
-        out.append(Unit(name, abs_gamma(bn)[live], True))
+        out.append(Unit(name, score(bn)[live], True))
     return out
 
 

@@ -5,9 +5,11 @@ torchvision).
 Channels that must go together (a residual stream shared by many blocks, a depthwise conv and
 the pointwise conv that feeds it, a concatenation) form one *group*; the graph finds them. A
 group is a unit of the global threshold: its channel importance is the mean |γ| of the group's
-BatchNorms at that channel (Torch-Pruning's default group reduction), so a channel is kept or
-removed in every layer of the group at once. Groups without a BatchNorm (a classifier's hidden
-Linear) have no γ and are not pruned.
+BatchNorms at that channel (Torch-Pruning's default group reduction; another per-BatchNorm
+score the same way), so a channel is kept or removed in every layer of the group at once. Its
+filter norms are its root layer's output filters' (Torch-Pruning's magnitude importance with the
+``first`` group reduction: the standard L1 of Li et al. 2017). Groups without a BatchNorm (a
+classifier's hidden Linear) have no γ and are not pruned.
 
 A pruned model is saved as its pruning history (per step: the root layer's name, whether
 output channels were pruned, the channel indices; plain values), which rebuilds it from the
@@ -23,7 +25,14 @@ import torch_pruning as tp
 from torch import nn
 
 from trainer.errors import ConfigError
-from trainer.models.family import Family, Unit, abs_gamma, batchnorms, check_num_classes
+from trainer.models.family import (
+    Family,
+    Unit,
+    abs_gamma,
+    batchnorms,
+    bn_scorer,
+    check_num_classes,
+)
 
 TRACE_SIZE = 32  # the input side the dependency graph traces the model at (CIFAR)
 
@@ -77,13 +86,20 @@ def _bn_items(dg, group):
             yield module, item.idxs, item.root_idxs
 
 
-def _importance(dg, group, channels: int) -> torch.Tensor:
-    """Per root channel: the mean |γ| over the group's BatchNorms (inf where none reaches)."""
+def _importance(dg, group, channels: int, score) -> torch.Tensor:
+    """Per root channel: the mean ``score`` (|γ|) over the group's BatchNorms (inf where none
+    reaches)."""
     total, count = torch.zeros(channels), torch.zeros(channels)
     for bn, idxs, roots in _bn_items(dg, group):
-        total.index_add_(0, torch.tensor(roots), abs_gamma(bn)[torch.tensor(idxs)])
+        total.index_add_(0, torch.tensor(roots), score(bn)[torch.tensor(idxs)])
         count.index_add_(0, torch.tensor(roots), torch.ones(len(roots)))
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, torch.inf))
+
+
+def _ungrouped(model: nn.Module, dg, groups) -> list[tuple[str, nn.BatchNorm2d]]:
+    """The BatchNorms outside every group (never pruned), in module order."""
+    grouped = {id(bn) for _, g in groups for bn, _, _ in _bn_items(dg, g)}
+    return [(name, bn) for name, bn in batchnorms(model) if id(bn) not in grouped]
 
 
 class GraphFamily(Family):
@@ -111,14 +127,24 @@ class GraphFamily(Family):
     def check_widths(self, arch, widths):
         return check_history(widths)
 
-    def units(self, model):
-        dg = graph(model)
+    def units(self, model, bn_score=None):
+        dg, score = graph(model), bn_scorer(bn_score)
         groups = _groups(model, dg)
-        grouped = {id(bn) for _, g in groups for bn, _, _ in _bn_items(dg, g)}
-        units = [Unit(name, _importance(dg, g, len(g[0].idxs)), True) for name, g in groups]
-        units += [Unit(name, abs_gamma(bn), False) for name, bn in batchnorms(model)
-                  if id(bn) not in grouped]
-        return units
+        units = [Unit(name, _importance(dg, g, len(g[0].idxs), score), True)
+                 for name, g in groups]
+        return units + [Unit(name, score(bn), False) for name, bn in _ungrouped(model, dg, groups)]
+
+    def filter_norms(self, model, p):
+        """A group's: its root layer's output filters, by Torch-Pruning's magnitude importance
+        (``first`` group reduction, no normaliser: trainer.prune.criteria normalises). A
+        BatchNorm outside every group (never pruned) has no root layer: its |γ| stands in."""
+        dg = graph(model)
+        imp = tp.importance.GroupMagnitudeImportance(p=p, group_reduction="first",
+                                                     normalizer=None,
+                                                     target_types=[nn.Conv2d, nn.Linear])
+        groups = _groups(model, dg)
+        norms = [imp(g).float().cpu().pow(1.0 / p) for _, g in groups]
+        return norms + [abs_gamma(bn) for _, bn in _ungrouped(model, dg, groups)]
 
     def apply(self, model, masks):
         new = copy.deepcopy(model).cpu()

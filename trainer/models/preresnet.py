@@ -23,6 +23,7 @@ from trainer.models.family import (
     Slicing,
     check_int_widths,
     check_num_classes,
+    filter_norms_of,
     he_init,
     selected_units,
     transfer,
@@ -138,8 +139,21 @@ class PreResNetFamily(Family):
         return [int((state[f"{_select_name(n)}.indexes"] > 0).sum()) if _select_name(n)
                 else int(state[f"{n}.weight"].shape[0]) for n in bn_names(arch)]
 
-    def units(self, model):
-        return selected_units(model, bn_names(model.arch), _select_name)
+    def units(self, model, bn_score=None):
+        return selected_units(model, bn_names(model.arch), _select_name, bn_score)
+
+    def filter_norms(self, model, p):
+        """bn2 and bn3 are fed by conv1 and conv2; a block's bn1 and the final BN are kept
+        whole and selected: the input kernels of the conv1 (the fc) that reads them."""
+        layers = []
+        for name in bn_names(model.arch):
+            if name == "bn":
+                layers.append(("fc", 1))
+                continue
+            block, bn = name.rsplit(".", 1)
+            k = int(bn[2:])
+            layers.append((f"{block}.conv1", 1) if k == 1 else (f"{block}.conv{k - 1}", 0))
+        return filter_norms_of(model, layers, p)
 
     def apply(self, model, masks):
         names = bn_names(model.arch)

@@ -29,10 +29,11 @@ from trainer.models.family import (
     Family,
     Slicing,
     Unit,
-    abs_gamma,
     batchnorms,
+    bn_scorer,
     check_int_widths,
     check_num_classes,
+    filter_norms_of,
     transfer,
 )
 
@@ -190,6 +191,11 @@ def zero_init_last_bn(model: ResNet) -> ResNet:
     return model
 
 
+def _conv_of(bn_name: str) -> str:
+    head, _, leaf = bn_name.rpartition(".")
+    return (head + "." if head else "") + leaf.replace("bn", "conv")
+
+
 class ResNetFamily(Family):
     def build(self, arch, num_classes, widths=None):
         return ResNet50(num_classes, widths) if arch == "resnet50" else ResNet(num_classes,
@@ -204,10 +210,15 @@ class ResNetFamily(Family):
     def widths_from_state(self, arch, state):
         return [int(state[f"{name}.weight"].shape[0]) for name in bn_names(arch)]
 
-    def units(self, model):
-        prunable = set(prunable_indices(model.arch))
-        return [Unit(name, abs_gamma(bn), i in prunable)
+    def units(self, model, bn_score=None):
+        prunable, score = set(prunable_indices(model.arch)), bn_scorer(bn_score)
+        return [Unit(name, score(bn), i in prunable)
                 for i, (name, bn) in enumerate(batchnorms(model))]
+
+    def filter_norms(self, model, p):
+        """Every BatchNorm is fed by the conv of its number: bn1 <- conv1, layer1.0.bn2 <-
+        layer1.0.conv2."""
+        return filter_norms_of(model, [(_conv_of(name), 0) for name, _ in batchnorms(model)], p)
 
     def apply(self, model, masks):
         """bn1/bn2 sliced by their masks; each conv by its BN's mask on output channels and by

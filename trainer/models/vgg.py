@@ -20,9 +20,10 @@ from trainer.models.family import (
     Family,
     Slicing,
     Unit,
-    abs_gamma,
     batchnorms,
+    bn_scorer,
     check_num_classes,
+    filter_norms_of,
     he_init,
     transfer,
 )
@@ -112,8 +113,14 @@ class VGGFamily(Family):
             j += 1 if v == M else 3
         return out
 
-    def units(self, model):
-        return [Unit(name, abs_gamma(bn), True) for name, bn in batchnorms(model)]
+    def units(self, model, bn_score=None):
+        score = bn_scorer(bn_score)
+        return [Unit(name, score(bn), True) for name, bn in batchnorms(model)]
+
+    def filter_norms(self, model, p):
+        """feature.{j+1} (a BatchNorm) is fed by the conv feature.{j}."""
+        return filter_norms_of(model, [(f"feature.{int(name.split('.')[1]) - 1}", 0)
+                                       for name, _ in batchnorms(model)], p)
 
     def new_widths(self, model, masks):
         counts = iter(int(m.sum()) for m in masks)

@@ -1,21 +1,29 @@
-"""Network-slimming channel pruning by BatchNorm |γ|, one rule for every architecture.
+"""Network-slimming channel pruning by BatchNorm |γ| (or another criterion's score), one rule
+for every architecture.
 
-The reference rule: sort the |γ| of the N channels in scope (``all``: every BatchNorm;
-``prunable``: the BatchNorms the architecture prunes) and take the value at position
-floor(N * ratio) as one global threshold; channels of prunable units with |γ| strictly above it
-are kept; no unit keeps fewer than ``min_channels`` (its largest |γ|), and with ``round_to`` K
-each keeps a multiple of K (at least K, at most all), its largest |γ|. A unit is a BatchNorm
-or, for a dependency-graph model, a coupled channel group (see trainer.models.graph). The family
-of the model's architecture builds the smaller network and copies the kept weights.
+The reference rule (``allocation="global"``): sort the scores of the N channels in scope
+(``all``: every BatchNorm; ``prunable``: the BatchNorms the architecture prunes) and take the
+value at position floor(N * ratio) as one global threshold; channels of prunable units scoring
+strictly above it are kept; no unit keeps fewer than ``min_channels`` (its best-scoring), and
+with ``round_to`` K each keeps a multiple of K (at least K, at most all), its best-scoring. A
+unit is a BatchNorm or, for a dependency-graph model, a coupled channel group (see
+trainer.models.graph); the scores are its channels' |γ| (``criterion="bn"``) or another
+criterion's (trainer.prune.criteria). The family of the model's architecture builds the smaller
+network and copies the kept weights.
+
+``allocation="uniform"``: every prunable unit of C live channels loses its ⌊ratio·C⌋ lowest-
+scoring ones (ties: the lower index is kept), within the same min-channels and round-to.
 
 A budget (``prune_to_budget``) picks the threshold instead: the smallest one whose model has at
-most the budget's params or MACs, by bisection over the sorted |γ| values (the count never
-grows as the threshold rises: masks only shrink, and min-channels and round-to are monotone).
+most the budget's params or MACs, by bisection over the sorted scores (the count never grows as
+the threshold rises: masks only shrink, and min-channels and round-to are monotone); uniformly,
+the smallest ratio k/C (some unit's step) whose model fits, by bisection the same way.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import thop
@@ -27,6 +35,7 @@ from trainer.config.paths import fmt_count
 from trainer.errors import CheckpointError, ParamError
 from trainer.models.build import family
 from trainer.models.family import Unit, count_params, unwrap_model
+from trainer.prune.criteria import score_units
 from trainer.prune.record import PruneRecord
 
 
@@ -40,20 +49,28 @@ class PruneResult:
     record: PruneRecord
 
 
-def units_of(model: nn.Module) -> list[Unit]:
-    bare = unwrap_model(model)
-    return family(bare.arch).units(bare)
+def units_of(model: nn.Module, criterion: str = "bn", *, seed: int = 0,
+             batches: Iterable | None = None) -> list[Unit]:
+    """Every unit of ``model`` with its channels' scores: |γ|, or ``criterion``'s
+    (trainer.prune.criteria.score_units)."""
+    return score_units(model, criterion, seed=seed, batches=batches)
 
 
 def _in_scope(units: list[Unit], scope: str) -> torch.Tensor:
     check("scope", scope)
-    return torch.cat([u.gamma for u in units if scope == "all" or u.prunable])
+    return torch.cat([u.score for u in units if scope == "all" or u.prunable])
+
+
+def scores_of(units: list[Unit], scope: str = "all") -> torch.Tensor:
+    """The scores of every channel in ``scope``, unit by unit (what the threshold ranks)."""
+    return _in_scope(units, scope)
 
 
 def _finite(values: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(values).all():
-        raise CheckpointError("BatchNorm gamma values are not finite (a diverged run?); "
-                              "prune a checkpoint from a run whose loss stayed finite")
+        raise CheckpointError("BatchNorm gamma values (or the criterion's channel scores) are "
+                              "not finite (a diverged run?); prune a checkpoint from a run whose "
+                              "loss stayed finite")
     return values
 
 
@@ -63,7 +80,7 @@ def all_gammas(model: nn.Module, scope: str = "all") -> torch.Tensor:
 
 
 def threshold_of(units: list[Unit], ratio: float, scope: str = "all") -> float:
-    """The |γ| value at position floor(N * ratio) of the sorted |γ| (reference rule)."""
+    """The score at position floor(N * ratio) of the sorted scores (reference rule)."""
     check_ratio(ratio)
     gammas = _finite(_in_scope(units, scope))
     return float(torch.sort(gammas).values[int(len(gammas) * ratio)])
@@ -71,27 +88,59 @@ def threshold_of(units: list[Unit], ratio: float, scope: str = "all") -> float:
 
 def masks_of(units: list[Unit], threshold: float, min_channels: int = 1,
              round_to: int = 1) -> tuple[list[torch.Tensor], list[str]]:
-    """Keep-masks per unit and the units that --min-channels rescued."""
+    """Keep-masks per unit (scores strictly above ``threshold``) and the units that
+    --min-channels rescued."""
     masks, rescued = [], []
     for unit in units:
-        gamma = unit.gamma
+        score = unit.score
         if not unit.prunable:
-            masks.append(torch.ones_like(gamma, dtype=torch.bool))
+            masks.append(torch.ones_like(score, dtype=torch.bool))
             continue
-        mask = gamma > threshold
+        mask = score > threshold
         kept = int(mask.sum())
-        want = max(kept, min_channels)
-        if round_to > 1:  # a multiple of K, at least K, at most the whole layer
-            want = min(len(gamma), round_to * max(1, math.ceil(want / round_to)))
+        want = _floored(kept, len(score), min_channels, round_to)
         if want == 0:
             raise ParamError(f"the threshold {threshold:.4g} removes every channel of "
                              f"{unit.name}; lower {{ratio}} or keep {{min_channels}} at 1 or "
                              "more", "ratio", "min_channels")
-        if want > kept:  # the largest |γ|: a superset of those above the threshold
+        if want > kept:  # the largest scores: a superset of those above the threshold
             if kept < min_channels:
                 rescued.append(unit.name)
             mask = torch.zeros_like(mask)
-            mask[torch.topk(gamma, min(want, len(gamma))).indices] = True
+            mask[torch.topk(score, min(want, len(score))).indices] = True
+        masks.append(mask)
+    return masks, rescued
+
+
+def _floored(kept: int, channels: int, min_channels: int, round_to: int) -> int:
+    """``kept`` raised to ``min_channels`` and, with ``round_to`` K, to a multiple of K (at
+    least K, at most the whole layer)."""
+    want = max(kept, min_channels)
+    if round_to > 1:
+        want = min(channels, round_to * max(1, math.ceil(want / round_to)))
+    return want
+
+
+def removed_count(ratio: float, channels: int) -> int:
+    """⌊ratio·C⌋, to within 1e-9 (so that 1/49 of 49 channels is 1, not 0)."""
+    return math.floor(ratio * channels + 1e-9)
+
+
+def uniform_masks(units: list[Unit], ratio: float, min_channels: int = 1,
+                  round_to: int = 1) -> tuple[list[torch.Tensor], list[str]]:
+    """Keep-masks removing the ⌊ratio·C⌋ lowest-scoring of the C channels of every prunable
+    unit (within min-channels and round-to; ties: the lower index is kept), and the units that
+    --min-channels rescued."""
+    masks, rescued = [], []
+    for unit in units:
+        channels = len(unit.score)
+        mask = torch.ones(channels, dtype=torch.bool)
+        if unit.prunable:
+            kept = channels - removed_count(ratio, channels)
+            want = _floored(kept, channels, min_channels, round_to)
+            if kept < min_channels:
+                rescued.append(unit.name)
+            mask[torch.argsort(unit.score, descending=True, stable=True)[want:]] = False
         masks.append(mask)
     return masks, rescued
 
@@ -103,13 +152,23 @@ def apply_masks(model: nn.Module, masks: list[torch.Tensor]) -> nn.Module:
 
 
 def prune(model: nn.Module, ratio: float, *, scope: str = "all", min_channels: int = 1,
-          round_to: int = 1) -> PruneResult:
-    """Prune ``model`` at ``ratio`` with one global |γ| threshold."""
-    _check_floors(min_channels, round_to)
-    units = units_of(model)
-    result = _prune_at(model, units, threshold_of(units, ratio, scope), scope, min_channels,
-                       round_to)
+          round_to: int = 1, criterion: str = "bn", allocation: str = "global", seed: int = 0,
+          batches: Iterable | None = None) -> PruneResult:
+    """Prune ``model`` at ``ratio``: one global threshold on the ``criterion``'s scores (bn:
+    |γ|), or with ``allocation="uniform"`` ⌊ratio·C⌋ channels of every prunable unit.
+    ``seed``: the random criterion's; ``batches``: (images, labels) the taylor criterion
+    scores on (trainer.prune.criteria)."""
+    _check_choices(min_channels, round_to, criterion, allocation, scope)
+    check_ratio(ratio)
+    units = units_of(model, criterion, seed=seed, batches=batches)
+    if allocation == "uniform":
+        result = _pruned(model, units, *uniform_masks(units, ratio, min_channels, round_to),
+                         None, scope, min_channels, round_to)
+    else:
+        result = _prune_at(model, units, threshold_of(units, ratio, scope), scope, min_channels,
+                           round_to)
     result.record.ratio = ratio
+    result.record.criterion, result.record.allocation = criterion, allocation
     return result
 
 
@@ -118,16 +177,32 @@ def _check_floors(min_channels: int, round_to: int) -> None:
     check("round_to", round_to)
 
 
+def _check_choices(min_channels: int, round_to: int, criterion: str, allocation: str,
+                   scope: str) -> None:
+    _check_floors(min_channels, round_to)
+    for param, value in (("criterion", criterion), ("allocation", allocation),
+                         ("scope", scope)):
+        check(param, value)
+
+
 def _prune_at(model: nn.Module, units: list[Unit], threshold: float, scope: str,
               min_channels: int, round_to: int) -> PruneResult:
     masks, rescued = masks_of(units, threshold, min_channels, round_to)
+    return _pruned(model, units, masks, rescued, threshold, scope, min_channels, round_to)
+
+
+def _pruned(model: nn.Module, units: list[Unit], masks: list[torch.Tensor], rescued: list[str],
+            threshold: float | None, scope: str, min_channels: int,
+            round_to: int) -> PruneResult:
+    """The model the masks leave and the record of it (``threshold`` None: uniform)."""
     new = apply_masks(model, masks)
     pairs = [(int(m.sum()), m.numel()) for u, m in zip(units, masks) if u.prunable]
+    ties = 0 if threshold is None else int((_in_scope(units, scope) == threshold).sum())
     record = PruneRecord(
         threshold=threshold, scope=scope, min_channels=min_channels, round_to=round_to,
         params_before=count_params(unwrap_model(model)), params_after=count_params(new),
         removed_fraction=1 - sum(k for k, _ in pairs) / max(sum(n for _, n in pairs), 1),
-        ties=int((_in_scope(units, scope) == threshold).sum()), min_channels_kept=rescued)
+        ties=ties, min_channels_kept=rescued)
     result = PruneResult(new, masks, units, record)
     record.stages = [list(row) for row in stage_summary(result)]
     return result
@@ -146,29 +221,41 @@ def model_size(model: nn.Module, kind: str, input_size: int = 32) -> int:
 
 
 def prune_to_budget(model: nn.Module, target: int, kind: str = "params", *, scope: str = "all",
-                    min_channels: int = 1, round_to: int = 1,
-                    input_size: int = 32) -> PruneResult:
+                    min_channels: int = 1, round_to: int = 1, input_size: int = 32,
+                    criterion: str = "bn", allocation: str = "global", seed: int = 0,
+                    batches: Iterable | None = None) -> PruneResult:
     """The least-pruned model with at most ``target`` params (or MACs): the smallest threshold
     whose pruned model meets it (ties: a threshold removes every channel equal to it, so the
-    candidates are the distinct |γ| values; --min-channels and --round-to are applied to each
-    candidate, as they will be to the result)."""
-    _check_floors(min_channels, round_to)
+    candidates are the distinct scores; --min-channels and --round-to are applied to each
+    candidate, as they will be to the result). With ``allocation="uniform"``: the smallest
+    uniform ratio that meets it (the candidates: k/C for every prunable unit's C, the ratios
+    where some unit loses one more channel). ``criterion``, ``seed``, ``batches``: as
+    :func:`prune`."""
+    _check_choices(min_channels, round_to, criterion, allocation, scope)
     bare = unwrap_model(model)
-    units, fam = units_of(bare), family(bare.arch)
     before = model_size(copy_to_meta(bare), kind, input_size)
     param = f"target_{kind}"
     flag = f"{{{param}}} {fmt_count(target)}"
     if before <= target:
         raise ParamError(f"{flag}: the unpruned model already has {before:,} {kind}; nothing "
                          "to prune: give a smaller budget", param)
-    values = _finite(torch.unique(_in_scope(units, scope)))  # sorted
+    units, fam = units_of(bare, criterion, seed=seed, batches=batches), family(bare.arch)
+    if allocation == "uniform":
+        steps = uniform_steps(units)
+
+        def masks_at(i: int) -> tuple[list[torch.Tensor], list[str]]:
+            return uniform_masks(units, steps[i], min_channels, round_to)
+    else:
+        steps = _finite(torch.unique(_in_scope(units, scope)))  # sorted
+
+        def masks_at(i: int) -> tuple[list[torch.Tensor], list[str]]:
+            return masks_of(units, float(steps[i]), min_channels, round_to)
 
     def size(i: int) -> int:
-        masks, _ = masks_of(units, float(values[i]), min_channels, round_to)
-        return model_size(fam.shape(bare, masks), kind, input_size)
+        return model_size(fam.shape(bare, masks_at(i)[0]), kind, input_size)
 
-    lo, hi = 0, len(values) - 1
-    smallest = size(hi)
+    lo, hi = 0, len(steps) - 1
+    smallest = size(hi) if len(steps) else before
     if smallest > target:
         raise ParamError(f"{flag} cannot be met: with every prunable layer at its floor "
                          f"({{min_channels}} {min_channels}, {{round_to}} {round_to}) the model "
@@ -177,12 +264,24 @@ def prune_to_budget(model: nn.Module, target: int, kind: str = "params", *, scop
     while lo < hi:  # the smallest index whose model fits; size(hi) always fits
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if size(mid) <= target else (mid + 1, hi)
-    result = _prune_at(bare, units, float(values[lo]), scope, min_channels, round_to)
-    ranked = torch.sort(_in_scope(units, scope)).values
-    result.record.ratio = int(torch.searchsorted(ranked, values[lo])) / len(ranked)
+    if allocation == "uniform":
+        result = _pruned(bare, units, *masks_at(lo), None, scope, min_channels, round_to)
+        result.record.ratio = steps[lo]
+    else:
+        result = _prune_at(bare, units, float(steps[lo]), scope, min_channels, round_to)
+        ranked = torch.sort(_in_scope(units, scope)).values
+        result.record.ratio = int(torch.searchsorted(ranked, steps[lo])) / len(ranked)
+    result.record.criterion, result.record.allocation = criterion, allocation
     result.record.budget = {"kind": kind, "target": target, "before": before,
                             "reached": model_size(copy_to_meta(result.model), kind, input_size)}
     return result
+
+
+def uniform_steps(units: list[Unit]) -> list[float]:
+    """Every ratio k/C (0 < k < C, C a prunable unit's channels), rising: between two of them
+    no unit's ⌊ratio·C⌋ changes."""
+    sizes = {len(u.score) for u in units if u.prunable}
+    return sorted({k / c for c in sizes for k in range(1, c)})
 
 
 def copy_to_meta(model: nn.Module) -> nn.Module:

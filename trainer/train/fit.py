@@ -16,7 +16,7 @@ from torch import nn
 from trainer.config.paths import run_paths
 from trainer.config.settings import RunConfig, result_fields, saved_config
 from trainer.data.gpu_loader import derive_seed
-from trainer.errors import CheckpointError, ConfigError, StopRequested, TrainingError
+from trainer.errors import CheckpointError, ConfigError, StopRequested, TrainingError, cut
 from trainer.files.atomic import atomic_path
 from trainer.files.checkpoint import (
     HISTORY_KEYS,
@@ -55,6 +55,7 @@ class FitState:
     best_acc: float = -math.inf
     best_epoch: int | None = None
     history: dict[str, list] = field(default_factory=empty_history)
+    csv_written: bool = False  # by this process: its first epoch rewrites the CSV whole
 
 
 PATH_FIELDS = ("data_dir", "checkpoint", "init")
@@ -120,20 +121,72 @@ def _restore(path: Path, state: dict, saved: dict, run: RunConfig, model: nn.Mod
 def keep_interrupted_run(last: Path, run: RunConfig) -> None:
     """Refuse a fresh start that would discard an interrupted run that ``--resume`` could
     continue (a forgotten --resume must not cost the epochs trained). Other settings, or a
-    file that is no resume state, mean a new run: it replaces them."""
-    if not last.exists():
+    file that is no resume state, are :func:`keep_earlier_run`'s to refuse."""
+    if run.overwrite or not last.exists():
         return
-    try:
-        state = safe_torch_load(last, what="resume state")
-    except CheckpointError:
-        return
-    if not isinstance(state, dict) or state.get("finished") is not False:
+    state = _resume_state(last)
+    if state is None or state.get("finished") is not False:
         return
     if resume_mismatch(state.get("config") or {}, run):
         return
     done, total = state.get("epoch"), (state.get("config") or {}).get("epochs")
     raise ConfigError(f"{last} holds an interrupted run ({done} of {total} epochs done); "
-                      f"add --resume to continue it, or delete {last.name} to start over")
+                      f"add --resume to continue it, or --overwrite to start over")
+
+
+def keep_earlier_run(output: Path, run: RunConfig) -> None:
+    """Refuse a new run (no --resume) whose outputs hold an earlier run's results: its best
+    checkpoint or its resume state would be replaced without a word. --overwrite allows it."""
+    if run.resume or run.overwrite:
+        return
+    paths = run_paths(output)
+    keep_interrupted_run(paths["last"], run)
+    if not (paths["best"].exists() or paths["last"].exists()):
+        return
+    raise ConfigError(f"{output} {_what_is_there(paths, run)}; add --resume to continue it, "
+                      "give another --output to keep both, or add --overwrite to replace it")
+
+
+def _what_is_there(paths: dict[str, Path], run: RunConfig) -> str:
+    """'holds a finished run (3 of 3 epochs, best 20.31% at epoch 2)' and the like."""
+    state = _resume_state(paths["last"]) if paths["last"].exists() else None
+    if state is not None:
+        total = (state.get("config") or {}).get("epochs")
+        best = _best_text(state.get("best_acc"), state.get("best_epoch"))
+        best = f", {best}" if best else ""
+        if state.get("finished"):
+            return f"holds a finished run ({state.get('epoch')} of {total} epochs{best})"
+        diffs = "; ".join(resume_mismatch(state.get("config") or {}, run))
+        return (f"holds an interrupted run with other settings ({state.get('epoch')} of "
+                f"{total} epochs done{best}; {cut(diffs)})")
+    if paths["best"].exists():
+        try:
+            ckpt = safe_torch_load(paths["best"])
+        except CheckpointError:
+            return "already exists (a file that is not a checkpoint slimtune reads)"
+        best = _best_text(ckpt.get("best_acc"), ckpt.get("best_epoch")) \
+            if isinstance(ckpt, dict) else ""
+        return f"holds a trained checkpoint ({best})" if best else "holds a checkpoint"
+    return f"holds the resume state {paths['last'].name} of an earlier run"
+
+
+def _best_text(acc: Any, epoch: Any) -> str:
+    """'best 20.31% at epoch 2' (or '' when the file records no accuracy)."""
+    if isinstance(acc, torch.Tensor) and acc.numel() == 1:
+        acc = acc.item()
+    if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not math.isfinite(acc):
+        return ""
+    at = f" at epoch {epoch}" if isinstance(epoch, int) and not isinstance(epoch, bool) else ""
+    return f"best {acc:.2f}%{at}"
+
+
+def _resume_state(last: Path) -> dict | None:
+    """The resume state at ``last``, or None when the file is not one."""
+    try:
+        state = safe_torch_load(last, what="resume state")
+    except CheckpointError:
+        return None
+    return state if isinstance(state, dict) and "epoch" in state else None
 
 
 def _clean_stale_temps(paths: dict[str, Path]) -> None:
@@ -160,19 +213,27 @@ def fit(model: nn.Module, optimizer, *, accelerator, run: RunConfig, train_loade
         keep_interrupted_run(paths["last"], run)
         state = FitState()
     if main:
+        # Nothing is written here: the CSV is (re)written whole when the first epoch ends, so
+        # a run that fails before that leaves every file as it was.
         output.parent.mkdir(parents=True, exist_ok=True)
         _clean_stale_temps(paths)
-        write_csv(paths["csv"], state.history, append_last=False)
-        if run.resume:
+        if run.resume and state.next_epoch >= run.epochs:
+            best = _best_text(state.best_acc, state.best_epoch)
+            say(f"{output.name} is finished: all {run.epochs} epochs were trained"
+                f"{f' ({best})' if best else ''}; nothing to resume (to train longer: "
+                "--resume --force-resume --epochs N)")
+        elif run.resume:
             say(f"resuming {output.name} at epoch {state.next_epoch + 1}/{run.epochs}")
     steps = len(train_loader)
     bar = EpochProgress(title, run.epochs, steps, accelerator.num_processes, state.next_epoch)
     first = epoch = state.next_epoch
     try:
-        for epoch in range(first, run.epochs):
-            _run_epoch(model, optimizer, epoch, state, bar, accelerator=accelerator, run=run,
-                       train_loader=train_loader, test_loader=test_loader, paths=paths,
-                       extra=extra, compiling=run.compile and epoch == first, teacher=teacher)
+        with STOP.in_loop():
+            for epoch in range(first, run.epochs):
+                _run_epoch(model, optimizer, epoch, state, bar, accelerator=accelerator,
+                           run=run, train_loader=train_loader, test_loader=test_loader,
+                           paths=paths, extra=extra, compiling=run.compile and epoch == first,
+                           teacher=teacher)
     except StopRequested as stop:
         stop.resumable = paths["last"].exists()
         raise
@@ -259,7 +320,8 @@ def _save_epoch(model, optimizer, state: FitState, improved: bool, *, accelerato
         "scaler": _scaler_state(accelerator), "best_acc": state.best_acc,
         "best_epoch": state.best_epoch, "history": _copy(state.history), "config": config,
         "finished": state.next_epoch >= run.epochs}, paths["last"])
-    write_csv(paths["csv"], state.history, append_last=True)
+    write_csv(paths["csv"], state.history, append_last=state.csv_written)
+    state.csv_written = True
 
 
 def _scaler_state(accelerator) -> dict | None:

@@ -6,7 +6,8 @@ I/O (``trainer.train.fit`` runs the epochs and writes the files, on the main pro
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config.settings import RunConfig
-from trainer.errors import StopRequested, TrainingError
+from trainer.errors import HardStop, StopRequested, TrainingError
 from trainer.models.family import unwrap_model
 from trainer.train import dist
 
@@ -81,12 +82,16 @@ def unscale_gradients(accelerator, optimizer) -> None:
 
 @dataclass
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it at step boundaries on every rank."""
+    """Set by SIGINT/SIGTERM. Inside the training loop (``deferred``) a stop waits for the next
+    step boundary, where every rank checks it; outside it (reading the data, building the
+    model: start-up can take minutes) the run stops at once."""
 
     signum: int | None = None
+    deferred: bool = False
     _previous: dict = field(default_factory=dict)
 
     def install(self) -> StopFlag:
+        self.deferred = False
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -95,14 +100,26 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        first = self.signum is None
+        if not first and signum == signal.SIGINT:
+            raise HardStop  # a second Ctrl-C stops at once, and says so
         self.signum = signum
         # From now on a DataLoader worker's death is expected: the same signal sent to the
         # whole process group (Ctrl-C, a scheduler, `timeout`) ends the workers too, and
         # torch's SIGCHLD handler would raise "worker ... is killed by signal" from wherever
         # this process is then, e.g. DataLoader.__del__ after the clean stop message.
         self._previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
+        if first and not self.deferred:
+            raise StopRequested(signum)  # nothing to finish: no step, no epoch under way
+
+    @contextmanager
+    def in_loop(self) -> Iterator[None]:
+        """Within the block a stop waits for the loop's next step boundary."""
+        before, self.deferred = self.deferred, True
+        try:
+            yield
+        finally:
+            self.deferred = before
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -242,6 +259,36 @@ def sync_buffers(model: nn.Module) -> None:
     if dist.world_size() > 1:
         for buf in unwrap_model(model).buffers():
             dist.broadcast(buf, src=0)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable, n: int) -> int:
+    """Adaptive BatchNorm (Li et al., "EagleEye", ECCV 2020): forget every BatchNorm's running
+    statistics and re-estimate them as the cumulative average (momentum None) over the first
+    ``n`` of ``batches``, in train mode and without gradients; nothing else changes. Returns
+    the batches used (0: the statistics are left as they were). Every rank then holds rank 0's
+    statistics (a collective)."""
+    bare = unwrap_model(model)
+    bns = [m for m in bare.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    device = next(bare.parameters()).device
+    momenta, was_training, used = [bn.momentum for bn in bns], bare.training, 0
+    try:
+        for x, _ in batches:
+            if used == n:
+                break
+            if used == 0:  # only once a batch is there: no batch leaves the statistics alone
+                for bn in bns:
+                    bn.reset_running_stats()
+                    bn.momentum = None
+                bare.train()
+            bare(x.to(device).float())
+            used += 1
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        bare.train(was_training)
+    sync_buffers(bare)
+    return used
 
 
 @torch.no_grad()

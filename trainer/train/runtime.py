@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 from accelerate.utils import InitProcessGroupKwargs
+from rich.markup import escape
 from torch import nn
 
 from trainer.config.checks import check_batch_split
@@ -20,6 +21,7 @@ from trainer.data.datasets import build_datasets
 from trainer.data.loaders import make_test_loader, make_train_loader
 from trainer.errors import ConfigError
 from trainer.train import dist
+from trainer.train.progress import say
 
 
 def make_accelerator(run: RunConfig):
@@ -85,9 +87,12 @@ def per_process_batch(run: RunConfig) -> int:
 
 
 def load_data(run: RunConfig):
-    return build_datasets(run.dataset, run.data_dir, image_size=run.image_size,
+    data = build_datasets(run.dataset, run.data_dir, image_size=run.image_size,
                           download=run.download, synthetic_train=run.synthetic_train,
                           synthetic_test=run.synthetic_test, seed=run.seed)
+    for note in data.notes:
+        say(f"[yellow]note:[/] {escape(note)}")
+    return data
 
 
 def loader_kind(run: RunConfig, device: torch.device) -> str:
