@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from trainer.config.settings import MIXED_PRECISIONS, MODES, RunConfig, worker_fields
+from trainer.config.threads import choose_threads
 from trainer.errors import ConfigError, shown
 from trainer.files.atomic import atomic_write_text
 
@@ -171,16 +172,14 @@ def build_launch_argv(config_path: str | os.PathLike, command: str, worker_args:
             *[str(a) for a in worker_args]]
 
 
-def threads_per_process(config: dict, environ: dict[str, str]) -> int:
-    """CPU threads for each process this machine starts: the user's OMP_NUM_THREADS if set,
-    else this machine's cores over its processes (at least 1): Accelerate's own default put
-    2 threads on each of 2 processes on a 2-core machine."""
-    if str(environ.get("OMP_NUM_THREADS", "")).isdigit() and int(environ["OMP_NUM_THREADS"]):
-        return int(environ["OMP_NUM_THREADS"])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def threads_per_process(config: dict, environ: Mapping[str, str],
+                        given: int | None = None) -> int:
+    """CPU threads for each process this machine starts (trainer.config.threads): ``--threads``,
+    else the user's OMP_NUM_THREADS, else the free cores over the local processes (at least 1):
+    Accelerate's own default put 2 threads on each of 2 processes on a 2-core machine."""
     machines = max(int(config.get("num_machines", 1)), 1)
     local = max(process_count(config) // machines, 1)
-    return max((cores or 1) // local, 1)
+    return choose_threads(local, given=given, environ=environ).count
 
 
 def launch_env(config: dict, cpu: bool) -> dict[str, str]:

@@ -16,13 +16,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def count_gpus(dry_run: bool, environ: dict[str, str]) -> int:
     """CUDA GPUs this process can use. ``--dry-run`` counts them without importing torch: the
     NVIDIA driver's /proc entries, narrowed by CUDA_VISIBLE_DEVICES."""

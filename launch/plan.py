@@ -28,7 +28,6 @@ from launch.accelerate_config import (
     write_config,
 )
 from launch.machine import check_machine, count_gpus, free_port
-from launch.machine import cores as machine_cores
 from launch.user_config import (
     check_user_machine,
     load_user_config,
@@ -40,6 +39,7 @@ from trainer.config.checks import check_batch_split, validate
 from trainer.config.commands import accepted
 from trainer.config.paths import CHECKPOINTS, lock_file, output_path
 from trainer.config.settings import RunConfig
+from trainer.config.threads import cores as machine_cores
 from trainer.errors import ConfigError
 from trainer.files.lock import BOTH, LAUNCHER_ENV, WRITER, OutputLock
 
@@ -63,6 +63,10 @@ class LaunchPlan:
 
 def dispatch(run: RunConfig) -> int:
     """Run ``run`` in this process or as an ``accelerate launch`` job; return the exit code."""
+    if run.command == "sweep":  # a grid of studies, each checked as the pipeline it is
+        from launch.sweep import run_sweep
+
+        return run_sweep(run)
     run = with_recipe(run)  # the workers get the arch's recipe spelled out
     validate(run)  # refuse bad settings before any process starts or file is written
     if run.command == "pipeline" and (run.jobs or run.gpus_per_job or run.slurm):
@@ -228,7 +232,7 @@ def _subprocess_plan(run: RunConfig, config: dict, path: Path, write: bool,
     _require_accelerate()
     args = worker_argv(run, *accepted(run.command))
     argv = build_launch_argv(path, args[0], args[1:],
-                             threads=threads_per_process(config, environ))
+                             threads=threads_per_process(config, environ, run.threads))
     return LaunchPlan(run, config=config, config_path=path, write=write, argv=argv,
                       env=launch_env(config, run.cpu))
 

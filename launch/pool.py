@@ -59,6 +59,7 @@ class Job:
     epochs: int = 0  # epochs it trains (its ETA)
     outputs: tuple[Path, ...] = ()  # its files (--resume skips a job whose files are unchanged)
     port: bool = False  # several processes: a rendezvous port of its own
+    threads: int | None = None  # its OMP_NUM_THREADS (None: the pool's)
 
 
 @dataclass
@@ -205,8 +206,9 @@ class Pool:
         env = self.environ | {"PYTHONUNBUFFERED": "1"}  # lines reach the log as they come
         if self.free is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(st.gpus)
-        if self.threads:
-            env["OMP_NUM_THREADS"] = str(self.threads)
+        threads = job.threads or self.threads
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
         job.log.parent.mkdir(parents=True, exist_ok=True)
         st.start = st.mark = time.time()
         st.state, st.stage, st.epoch, st.acc = RUNNING, "", "", None
@@ -230,8 +232,7 @@ class Pool:
         if self.stopping is not None:  # a signal came while it started
             _killpg(st.proc.pid, self.stopping)
         where = f"GPUs {','.join(st.gpus)}" if self.free is not None else (
-            f"{self.threads} CPU thread{'s' if (self.threads or 0) > 1 else ''}"
-            if self.threads else "the CPU")
+            f"{threads} CPU thread{'s' if threads > 1 else ''}" if threads else "the CPU")
         port = f", port {st.port}" if st.port else ""
         self._say(f"{job.name}: started on {where}{port}; log {job.log}")
         self._write_record()
@@ -341,7 +342,7 @@ class Pool:
         for job in self.jobs:
             st = self.status[job.name]
             where = ",".join(st.gpus) if self.free is not None else (
-                str(self.threads or "") if st.state == RUNNING else "")
+                str(job.threads or self.threads or "") if st.state == RUNNING else "")
             took = _hms((st.end or now) - st.start) if st.start else ""
             state = st.state + (f" ({st.note})" if st.note else "")
             color = {DONE: "green", REUSED: "green", FAILED: "red", RUNNING: "cyan"}.get(
@@ -365,8 +366,8 @@ class Pool:
             st = self.status[job.name]
             jobs.append({"name": job.name, "state": st.state, "code": st.code,
                          "start": st.start, "end": st.end, "gpus": st.gpus, "port": st.port,
-                         "threads": self.threads, "log": str(job.log), "note": st.note,
-                         "argv": _comparable(job.argv), "outputs": st.outputs})
+                         "threads": job.threads or self.threads, "log": str(job.log),
+                         "note": st.note, "argv": _comparable(job.argv), "outputs": st.outputs})
         try:
             atomic_write_text(self.logs / RECORD, json.dumps({"jobs": jobs}, indent=1) + "\n")
         except OSError:  # the record only helps --resume; the jobs' files are what count
@@ -387,19 +388,17 @@ class Pool:
                 st = self.status[job.name]
                 st.state, st.outputs = REUSED, old["outputs"]
                 st.start, st.end, st.code = old.get("start"), old.get("end"), 0
+                self._say(f"{job.name}: done earlier, its files unchanged; not run again")
 
     # ---------------------------------------------------------------- the end
 
     def _summary(self) -> int:
         """Print how the jobs ended; the study's exit code."""
-        if not self.live:
-            for job in self.jobs:
-                st = self.status[job.name]
-                if st.state in (SKIPPED, NOT_STARTED, REUSED):
-                    note = f" ({st.note})" if st.note else ""
-                    self._say(f"{job.name}: {st.state}{note}")
-        else:
+        if self.live:
             self.console.print(self.table())
+        else:  # the table's content in one line: each job was said as it started and ended
+            self._say("jobs: " + ", ".join(f"{j.name} {self.status[j.name].state}"
+                                           for j in self.jobs))
         failed = [j for j in self.jobs if self.status[j.name].state == FAILED]
         for job in failed:
             st = self.status[job.name]
@@ -422,13 +421,13 @@ class Pool:
                   f"({', '.join(j.name for j in failed)})"
                   + (f"; {', '.join(ok)} finished and kept their files" if ok else "")
                   + "; fix the cause and run the same command plus --resume", file=sys.stderr)
-            return next(self.status[j.name].code for j in failed) or 1
+            return 1  # the study failed (a job's own code, e.g. 2 for its bad input, is above)
         return 0
 
 
 def _comparable(argv: list[str]) -> list[str]:
     """A job's command as --resume compares it (with or without --resume is the same job)."""
-    return [a for a in argv if a != "--resume"]
+    return [a for a in argv if a not in ("--resume", "--no-resume")]
 
 
 def _mtimes(paths: Iterable[Path]) -> dict[str, int]:

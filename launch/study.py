@@ -17,11 +17,10 @@ from pathlib import Path
 
 from launch.accelerate_config import parse_gpu_ids, worker_argv
 from launch.machine import check_machine, count_gpus, free_port
-from launch.machine import cores as machine_cores
 from launch.pool import Job, Pool
 from launch.user_config import through_visible_devices
 from trainer.config.commands import accepted
-from trainer.config.paths import lock_file
+from trainer.config.paths import REPORT, lock_file
 from trainer.config.settings import RunConfig
 from trainer.config.study import (
     LOGS,
@@ -32,6 +31,7 @@ from trainer.config.study import (
     job_outputs,
     log_path,
 )
+from trainer.config.threads import choose_threads
 from trainer.errors import ConfigError
 
 
@@ -46,6 +46,7 @@ class Layout:
     slots: int
     threads: int | None
     note: str | None = None
+    alone: int | None = None  # threads of a job that runs alone (the sparse stage, the report)
 
     @property
     def cpu(self) -> bool:
@@ -53,12 +54,17 @@ class Layout:
 
 
 def plan_layout(run: RunConfig, visible_gpus: int | None = None,
-                environ: dict[str, str] | None = None, cores: int | None = None) -> Layout:
-    """The GPUs (or CPU slots) of ``run``'s jobs; ``visible_gpus``, ``environ`` and ``cores``
-    default to this machine's (a test or --dry-run may fake them)."""
+                environ: dict[str, str] | None = None, cores: int | None = None,
+                busy: float | None = None) -> Layout:
+    """The GPUs (or CPU slots) of ``run``'s jobs; ``visible_gpus``, ``environ``, ``cores`` and
+    ``busy`` (cores busy now) default to this machine's (a test or --dry-run may fake them).
+    Each process's threads: trainer.config.threads over all the processes running at once."""
     environ = os.environ if environ is None else environ
-    cores = cores or machine_cores()
-    user_threads = _user_threads(environ)
+
+    def threads(processes: int) -> int:
+        return choose_threads(processes, given=run.threads, environ=environ, total=cores,
+                              busy=busy).count
+
     ids = parse_gpu_ids(run.gpu_ids)
     note = None
     if not run.cpu and not run.slurm:
@@ -77,19 +83,13 @@ def plan_layout(run: RunConfig, visible_gpus: int | None = None,
             slots = min(total // per, run.jobs or total)
             pool = ",".join(str(i) for i in (ids or range(total)))
             gpus = through_visible_devices(pool, environ.get("CUDA_VISIBLE_DEVICES")).split(",")
-            threads = user_threads or max(cores // (slots * per), 1)
-            return Layout(gpus, per, slots, threads)
+            return Layout(gpus, per, slots, threads(slots * per), alone=threads(len(gpus)))
     if run.slurm and not run.cpu:  # the cluster's GPUs: nothing to count here
         per = run.gpus_per_job or 1
         return Layout([str(i) for i in range(run.gpus or per)], per, run.jobs or 1, None)
     procs = run.gpus or 1  # --cpu --gpus N: N gloo processes per job
     slots = run.jobs or 1
-    return Layout(None, procs, slots, user_threads or max(cores // (slots * procs), 1), note)
-
-
-def _user_threads(environ: dict[str, str]) -> int | None:
-    value = str(environ.get("OMP_NUM_THREADS", ""))
-    return int(value) if value.isdigit() and int(value) > 0 else None
+    return Layout(None, procs, slots, threads(slots * procs), note, alone=threads(procs))
 
 
 def study_jobs(run: RunConfig, layout: Layout, resume: bool | None = None) -> list[Job]:
@@ -112,9 +112,10 @@ def study_jobs(run: RunConfig, layout: Layout, resume: bool | None = None) -> li
         if width > 1 or not layout.cpu:
             argv += ["--gpus", str(width)]
         several = width > 1 and (layout.cpu or run.mode == "ddp")
+        alone = name in (SPARSE_JOB, REPORT_JOB)  # nothing runs beside it: every core
         jobs.append(Job(name, argv, log_path(logs, name), gpus=width, deps=deps,
                         epochs=job_epochs(run, name), outputs=tuple(job_outputs(run, name)),
-                        port=several))
+                        port=several, threads=layout.alone if alone else None))
     return jobs
 
 
@@ -154,7 +155,11 @@ def run_pool(run: RunConfig, jobs: list[Job], layout: Layout, logs: Path) -> int
         ensure_writable(logs)
         pool = Pool(jobs, gpus=layout.gpus, slots=layout.slots, threads=layout.threads,
                     logs=logs, resume=run.resume)
-        return pool.run()
+        code = pool.run()
+        if code == 0:  # the closing lines of a study run in one process, in short
+            pool.console.print(f"report: {Path(run.workdir) / REPORT}\nlogs:   {logs}/",
+                               highlight=False, markup=False)
+        return code
     finally:
         if lock is not None:
             lock.release()
@@ -176,8 +181,8 @@ def describe(jobs: list[Job], layout: Layout, logs: Path) -> str:
         gpus = sets.get(job.name)
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-        if layout.threads:
-            env["OMP_NUM_THREADS"] = str(layout.threads)
+        if job.threads or layout.threads:
+            env["OMP_NUM_THREADS"] = str(job.threads or layout.threads)
         argv, port = list(job.argv), None
         if job.port:
             port = free_port()

@@ -254,6 +254,8 @@ CORE_ROWS = [
         r"removes every channel of layer1\.0\.bn1", _gammas_that_empty_a_layer),
     Row("epochs-zero", "--epochs 0", _set(FINETUNE, "--epochs", "0"),
         r"--epochs 0: need at least 1"),
+    Row("threads-zero", "--threads 0", [*FINETUNE, "--threads", "0"],
+        r"--threads 0: use 1 or more \(threads per process\)"),
     Row("lr-negative", "a negative learning rate", _set(FINETUNE, "--lr", "-0.1"),
         r"--lr -0\.1: the learning rate must be a positive number"),
     Row("batch-indivisible", "the batch does not split over the processes",
@@ -564,8 +566,99 @@ ROWS_FILES: list[Row] = [
         r"no usable images in images/train/class3, while the other classes have some",
         _one_empty_class),
 ]
-ROWS_MODELS: list[Row] = []
-ROWS_JOBS: list[Row] = []
+# ---- issue 22: the user's own models (--arch module.path:factory)
+USER_TRAIN = ["train", "--dataset", "synthetic", "--synthetic-train", "20", "--synthetic-test",
+              "10", "--image-size", "16", "--epochs", "1", "--cpu", "--output", "out/u.pth"]
+
+
+def _user_model_file(d: Path) -> None:
+    """A file of the user's model, whose module (here, on the path) would leave ``pwned``."""
+    (d / "pwnmod.py").write_text(f"open({str(d / 'pwned')!r}, 'w').close()\n"
+                                 "def make_net(num_classes):\n    raise SystemExit(3)\n")
+    torch.save({"format_version": 1, "arch": "pwnmod:make_net", "num_classes": 10, "cfg": [],
+                "state_dict": {"w": torch.zeros(1)}}, d / "user.pth")
+
+
+def _stdlib_model_file(d: Path) -> None:
+    torch.save({"format_version": 1, "arch": "os:system", "num_classes": 10, "cfg": [],
+                "state_dict": {"w": torch.zeros(1)}}, d / "bad.pth")
+
+
+# ---- issue 22: timm models and published weights (--arch timm:NAME, train --init FILE)
+TIMM_TRAIN = ["train", "--dataset", "synthetic", "--synthetic-train", "20", "--synthetic-test",
+              "10", "--image-size", "32", "--epochs", "1", "--cpu", "--output", "out/t.pth"]
+
+
+def _no_timm(d: Path) -> None:
+    """A ``timm`` package in the row's folder that fails to import, as if it were not
+    installed (see _no_onnxruntime)."""
+    (d / "timm").mkdir()
+    (d / "timm" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    (d / "timm" / "__pycache__").write_text("")
+
+
+def _odd_resnet18_weights(d: Path) -> None:
+    """A plain torchvision resnet18 state_dict (1000 classes) with one layer of another shape."""
+    import torchvision
+
+    state = torchvision.models.resnet18(num_classes=1000).state_dict()
+    state["layer2.0.conv1.weight"] = torch.zeros(64, 64, 3, 3)  # resnet18's has 128 filters
+    torch.save(state, d / "odd.pth")
+
+
+ROWS_MODELS: list[Row] = [
+    Row("user-model-without-arch", "a file of your own model, without --arch naming it",
+        _set(FINETUNE, "--checkpoint", "user.pth"),
+        r"user\.pth holds a model of your own code \('pwnmod:make_net'\); slimtune imports no "
+        r"code because a file names it: .*--arch pwnmod:make_net", _user_model_file),
+    Row("user-model-stdlib", "the checkpoint names Python's standard library as its model "
+        "(os:system)", _set(FINETUNE, "--checkpoint", "bad.pth"),
+        r"bad\.pth: the checkpoint's arch 'os:system' names Python's standard library \(os\)",
+        _stdlib_model_file),
+    Row("arch-user-dotdot", "--arch is not a module.path:factory name (a path with ..)",
+        [*USER_TRAIN, "--arch", "../evil:make"],
+        r"--arch '\.\./evil:make' is not a module\.path:factory name"),
+    Row("arch-user-long", "--arch of your own model 10,000 characters long",
+        [*USER_TRAIN, "--arch", "m:" + "f" * 10_000],
+        r"--arch 'm:fff.*\(10,004 characters\) is too long for a module\.path:factory name"),
+    Row("arch-user-no-module", "--arch names a module that cannot be imported",
+        [*USER_TRAIN, "--arch", "no_such_module_22:make_net"],
+        r"--arch no_such_module_22:make_net: cannot import no_such_module_22 .*PYTHONPATH"),
+    Row("timm-not-installed", "--arch timm:NAME without the timm extra",
+        [*TIMM_TRAIN, "--arch", "timm:resnet18"],
+        r"--arch timm:NAME needs the timm package, which is not installed; install the extra: "
+        r"pip install \"slimtune\[timm\]\"", _no_timm, process=True),
+    Row("timm-no-batchnorm", "--arch timm:NAME of a model without BatchNorm (ConvNeXt)",
+        [*TIMM_TRAIN, "--arch", "timm:convnext_atto"],
+        r"--arch timm:convnext_atto has no BatchNorm2d layers \(its norms: LayerNorm2d"),
+    Row("timm-untraceable", "--arch timm:NAME of a model Torch-Pruning cannot trace",
+        [*TIMM_TRAIN, "--arch", "timm:cs3darknet_s"],
+        r"timm:cs3darknet_s: Torch-Pruning cannot trace it at 32x32 \(TypeError"),
+    Row("init-layer-mismatch", "train --init with weights whose layers (other than the "
+        "classifier) do not fit --arch", [*TIMM_TRAIN, "--arch", "torchvision:resnet18",
+                                          "--init", "odd.pth"],
+        r"odd\.pth: layer2\.0\.conv1\.weight has shape \(64, 64, 3, 3\) but an unpruned "
+        r"torchvision:resnet18 has \(128, 64, 3, 3\)", _odd_resnet18_weights),
+    Row("augment-unknown", "an unknown --augment", [*TIMM_TRAIN, "--augment", "autoaugment"],
+        r"--augment 'autoaugment': use auto, cifar, imagenet or none"),
+]
+STUDY = ["pipeline", "--dataset", "synthetic", "--cpu", "--workdir", "w"]
+SWEEP = ["sweep", "--dataset", "synthetic", "--cpu", "--workdir", "w"]
+ROWS_JOBS: list[Row] = [
+    Row("gpus-per-job-over-gpus", "pipeline --gpus-per-job larger than --gpus",
+        ["pipeline", "--dataset", "synthetic", "--gpus", "2", "--gpus-per-job", "4",
+         "--workdir", "w"],
+        r"--gpus-per-job 4 is more than the 2 GPUs of --gpus; .* use --gpus-per-job 2 or fewer"),
+    Row("sweep-empty-grid", "sweep with an empty list of values", [*SWEEP, "--sparsity", ","],
+        r"--sparsity is empty; give one or more comma-separated values, e\.g\. --sparsity "
+        r"1e-5,1e-4"),
+    Row("sweep-nothing-varies", "sweep without a setting of several values",
+        [*SWEEP, "--sparsity", "1e-4"], r"sweep needs a setting with several values"),
+    Row("sweep-unknown-setting", "sweep over a setting it does not vary",
+        [*SWEEP, "--batch-size", "16,32"],
+        r"--batch-size '16,32' lists several values, but a sweep varies only --sparsity, "
+        r"--train-lr, .*; give --batch-size one value"),
+]
 SCRATCH = ["train", "--scratch-from", "start.pth", "--dataset", "synthetic", "--cpu",
            "--epochs", "1", "--output", "out/s.pth"]
 ROWS_CRITERIA: list[Row] = [
@@ -593,6 +686,22 @@ ROWS_CRITERIA: list[Row] = [
     Row("scratch-other-arch", "train --scratch-from a file of another architecture than --arch",
         [*SCRATCH, "--arch", "vgg11"],
         r"--scratch-from start\.pth is a resnet50 and --arch is vgg11; add --arch resnet50"),
+    Row("scratch-unpruned", "train --scratch-from a checkpoint that was never pruned",
+        ["train", "--scratch-from", "vgg.pth", "--arch", "vgg11", "--dataset", "synthetic",
+         "--synthetic-train", "64", "--synthetic-test", "32", "--cpu", "--epochs", "1",
+         "--output", "out/s.pth"],
+        r"--scratch-from vgg\.pth has the unpruned architecture of vgg11 .*give a pruned "
+        r"checkpoint", _vgg),
+    Row("criteria-unknown", "an unknown criterion in pipeline --criteria",
+        [*STUDY, "--criteria", "bn,l3"], r"--criteria 'l3': use bn, l1, l2, random or taylor"),
+    Row("criteria-twice", "pipeline --criteria lists a criterion twice",
+        [*STUDY, "--criteria", "bn,l1,bn"], r"--criteria lists bn twice; give each once"),
+    Row("criteria-empty", "pipeline --criteria is empty", [*STUDY, "--criteria", ","],
+        r"--criteria is empty; give at least one"),
+    Row("allocations-unknown", "an unknown allocation in pipeline --allocations",
+        [*STUDY, "--allocations", "global,even"], r"--allocations 'even': use global or uniform"),
+    Row("pipeline-scratch-unknown", "an unknown pipeline --scratch", [*STUDY, "--scratch", "C"],
+        r"--scratch 'C': use E \(the same epochs\) or B"),
 ]
 ROWS = CORE_ROWS + ROWS_FILES + ROWS_MODELS + ROWS_JOBS + ROWS_CRITERIA
 

@@ -244,3 +244,79 @@ def test_info_says_the_criterion_allocation_and_recalibration():
                        "allocation": "uniform", "bn_recalibrate": 20})
     assert line == ("pruned from s.pth at ratio 0.5 by l1, uniform (⌊ratio·C⌋ of every layer); "
                     "BN statistics re-estimated on 20 training batches")
+
+
+# ---------------------------------------------------------------- the study: pipeline
+
+
+def test_pipeline_plans_a_chain_per_criterion_allocation_and_target(tmp_path):
+    """Slimming alone keeps today's files and jobs; every other (criterion, allocation) gets
+    its own chain, files and job, and --scratch a scratch stage at the end of each."""
+    from trainer.commands.pipeline import _baselines, plan_stages
+    from trainer.config.commands import config_from_options
+    from trainer.config.study import job_names, job_outputs
+
+    base = {"workdir": str(tmp_path), "ratios": "0.5,0.9"}
+    default = config_from_options("pipeline", base)
+    plan = plan_stages(default)
+    assert [c.tag for c in plan.chains] == ["50", "90"] and not _baselines(default)
+    assert [s.output.name for s in plan.chains[0].stages] == ["model_prune_50.pth",
+                                                              "model_prune_50_finetune.pth"]
+    run = config_from_options("pipeline", {**base, "criteria": "bn,l1", "allocations":
+                                           "global,uniform", "scratch": "B", "passes": 2})
+    plan = plan_stages(run)
+    tags = [c.tag for c in plan.chains]
+    assert tags == ["50", "90", "bn_uniform_50", "bn_uniform_90", "l1_50", "l1_90",
+                    "l1_uniform_50", "l1_uniform_90"]
+    assert job_names(run) == ["sparse", *tags, "report"]
+    made = [p.name for p in plan.made()]
+    assert len(made) == len(set(made)) == 1 + 8 * 5  # 2 rounds of 2 files + scratch, per chain
+    chain = plan.chains[5]
+    assert (chain.criterion, chain.allocation) == ("l1", "global")
+    prunes = [s.run for s in chain.stages if s.kind == "prune"]
+    assert {(r.criterion, r.allocation) for r in prunes} == {("l1", "global")}
+    scratch = chain.stages[-1]
+    assert scratch.kind == "scratch" and scratch.output.name == "model_prune_l1_90_p2_scratchB.pth"
+    assert scratch.run.scratch_from == str(chain.stages[-3].output)  # the last pruned file
+    assert scratch.run.sparsity == 0 and scratch.run.epochs == run.train_epochs
+    assert scratch.run.lr == run.train_lr and scratch.run.command == "train"
+    assert [p.name for p in job_outputs(run, "l1_90")] == [s.output.name for s in chain.stages]
+    assert all(s.run.scratch is None for c in plan.chains for s in c.stages if s.kind != "scratch")
+    assert plan.train.scratch is None and _baselines(run)
+
+
+@pytest.mark.slow  # a sparse run, 3 prunes, 3 fine-tunes and 3 Scratch-B runs of VGG-11: ~1 min
+def test_pipeline_criteria_and_scratch_write_the_combined_report_and_figure(tmp_path):
+    from tests.helpers import run_cli
+
+    work = tmp_path / "study"
+    out = run_cli("pipeline", "--arch", "vgg11", "--dataset", "synthetic", "--image-size", 32,
+                  "--synthetic-train", 160, "--synthetic-test", 80, "--train-epochs", 1,
+                  "--finetune-epochs", 1, "--ratios", 0.3, "--batch-size", 32,
+                  "--finetune-batch-size", 40, "--bn-recalibrate", 2, "--cpu",
+                  "--num-workers", 0, "--criteria", "bn,l1,random", "--scratch", "B",
+                  "--workdir", work, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    ckpts = work / "checkpoints"
+    report = (work / "report.md").read_text()
+    section = report[report.index("## Criteria and baselines"):]
+    assert "adaptive BN on 2 batches" in section and "Scratch-B (%)" in section
+    for criterion, tag in (("bn", "30"), ("l1", "l1_30"), ("random", "random_30")):
+        record = load_checkpoint(ckpts / f"model_prune_{tag}.pth")["prune"]
+        assert (record["criterion"], record["allocation"]) == (criterion, "global")
+        assert record["bn_recalibrate"] == 2
+        tuned = load_checkpoint(ckpts / f"model_prune_{tag}_finetune.pth")
+        scratch = load_checkpoint(ckpts / f"model_prune_{tag}_scratchB.pth")
+        plan = scratch["scratch"]
+        assert plan["kind"] == "B" and plan["base_epochs"] == 1
+        assert plan["epochs"] == plan["macs_unpruned"] // plan["macs_pruned"] >= 1
+        assert scratch["config"]["sparsity"] == 0
+        row = next(line for line in section.splitlines()
+                   if line.startswith(f"| {criterion} | global | ratio 0.3 |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[3] == f"{record['params_after'] / 1e6:.2f}"
+        assert cells[5:] == [f"{record['acc_after_stale']:.2f}", f"{record['acc_after']:.2f}",
+                             f"{tuned['best_acc']:.2f}", f"{scratch['best_acc']:.2f}"]
+    for png in ("accuracy_vs_macs.png", "comparison_30_finetuned.png"):
+        assert (work / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    assert "](plots/accuracy_vs_macs.png)" in report

@@ -54,6 +54,12 @@ def _study(name: str) -> Callable[[Path, object], None]:
     return check
 
 
+def _swept(folder: Path, out) -> None:
+    report = (folder / "s" / "sweep.md").read_text()
+    assert "sparsity1e-05" in report and "sparsity0.0001" in report
+    assert (folder / "s" / "plots" / "sweep.png").read_bytes()[:8] == PNG
+
+
 def _described(folder: Path, out) -> None:
     assert "params" in out.stdout and "resnet50" in out.stdout
 
@@ -91,6 +97,8 @@ RUNS: dict[str, tuple[list[str], Callable[[Path, object], None]]] = {
     "demo": (["demo", *TINY, "--synthetic-train", "32", "--synthetic-test", "16",
               "--train-epochs", "1", "--finetune-epochs", "1", "--limit-batches", "1",
               "--ratios", "0.5", "--workdir", "w"], _study("50")),
+    "sweep": (["sweep", *STUDY[:-1], "s", "--ratios", "0.5", "--sparsity", "1e-5,1e-4"],
+              _swept),
     "info": (["info", "start.pth"], _described),
     "profile": (["profile", "start.pth", "--json"], _profiled),
     "compare": (["compare", "start.pth", "other.pth", "--output", "c.png", "--json"], _compared),

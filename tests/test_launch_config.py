@@ -25,6 +25,7 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
+import trainer.config.threads as threads_mod
 from launch import plan as planning
 from launch import supervise, user_config
 from launch.accelerate_config import (
@@ -206,17 +207,38 @@ def test_a_one_machine_ddp_job_gets_a_free_port_of_its_own(kwargs, port):
     ({}, {"gpus": 2, "num_machines": 3, "main_process_ip": "h"}, 2),  # per machine
     ({"OMP_NUM_THREADS": "3"}, {"gpus": 2, "cpu": True}, None),  # the user's choice wins
 ])
-def test_every_launch_passes_the_cpu_threads_per_process(environ, kwargs, local):
+def test_every_launch_passes_the_cpu_threads_per_process(environ, kwargs, local, monkeypatch):
     """Accelerate's own default put 2 threads on each of 2 CPU processes of a 2-core machine
-    and printed its "values were not passed" block; the launcher passes the value itself."""
+    and printed its "values were not passed" block; the launcher passes the value itself: the
+    free cores (here an idle 8-core machine) over this machine's processes."""
+    monkeypatch.setattr(threads_mod, "cores", lambda: 8)
+    monkeypatch.setattr(threads_mod, "busy_cores", lambda: 0.0)
     config = build_accelerate_config(**kwargs)
-    cores = len(os.sched_getaffinity(0))
-    expected = 3 if local is None else max(cores // local, 1)
+    expected = 3 if local is None else 8 // local
     assert threads_per_process(config, environ) == expected
+    assert threads_per_process(config, environ, given=5) == 5  # --threads wins over all
     p = plan(4, environ, cpu=kwargs.get("cpu", False), gpus=2, batch_size=64)
     argv = p.argv
     assert argv[argv.index("--num_cpu_threads_per_process") + 1] == \
         str(threads_per_process(p.config, environ))
+
+
+@pytest.mark.parametrize("total, busy, processes, expected", [
+    (2, 0.0, 1, 2),   # idle: every core, as torch's default (no slower than before)
+    (2, 1.0, 1, 1),   # one busy neighbour: 1 thread (2 ran 3x slower than 1 there)
+    (2, 0.4, 1, 2),   # a process that mostly sleeps is not a busy core
+    (2, 5.7, 1, 1),   # overloaded: never fewer than one thread
+    (16, 3.2, 2, 6),  # 13 free cores over 2 processes
+    (16, 0.0, 64, 1),
+])
+def test_threads_come_from_the_cores_free_at_start(total, busy, processes, expected):
+    choice = threads_mod.choose_threads(processes, environ={}, total=total, busy=busy)
+    assert choice.count == expected
+    assert f"of {total} cores free, {busy:.1f} busy at start" in str(choice)
+    assert threads_mod.choose_threads(processes, given=3, environ={"OMP_NUM_THREADS": "7"},
+                                      total=total, busy=busy).count == 3
+    assert threads_mod.choose_threads(processes, environ={"OMP_NUM_THREADS": "7"},
+                                      total=total, busy=busy).count == 7
 
 
 def test_free_port_can_be_listened_on():
@@ -244,6 +266,8 @@ def _parse_worker_argv(argv: list[str]) -> RunConfig:
             i += 1
             if name == "ratios":
                 values[name] = tuple(float(r) for r in raw.split(","))
+            elif kind == tuple[str, ...]:  # criteria, allocations: comma-separated names
+                values[name] = tuple(raw.split(","))
             else:
                 base = next((t for t in (int, float, str) if t in typing.get_args(kind) or
                              t is kind), str)

@@ -269,3 +269,25 @@ def test_profile_and_export_measure_a_checkpoint_at_its_trained_size(tmp_path):
     assert profile_checkpoint(bare)["input_size"] == 32
     info = export_checkpoint(path, "torchscript", tmp_path / "s16.torchscript.pt")
     assert info["input_size"] == 16
+
+
+@pytest.mark.parametrize("arch", ["densenet40", "resnet164"])
+def test_a_pruned_model_with_channel_selections_is_profiled(arch):
+    """A pruned ResNet-164/DenseNet-40 keeps its BatchNorms whole and selects channels; the
+    weightless copy that checks the input size once lost the selections ("Invalid channel
+    dimensions" for every such file)."""
+    from trainer.models.build import new_model
+    from trainer.prune.engine import prune
+
+    torch.manual_seed(0)
+    model = new_model(arch, 10)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = torch.rand_like(m.weight)
+    pruned = prune(model, 0.7, scope="prunable").model
+    counted = profile_model(pruned, 32)
+    with torch.no_grad():
+        macs, _ = thop.profile(copy.deepcopy(pruned).eval(), inputs=(torch.zeros(1, 3, 32, 32),),
+                               verbose=False)
+    assert counted["macs"] == round(float(macs))
+    assert counted["params"] == count_params(pruned) < count_params(model)

@@ -113,6 +113,17 @@ def test_the_packages_depend_one_way():
                 if i.startswith("slimtune")]
 
 
+def test_the_python_api_is_a_layer_above_the_commands():
+    """slimtune (the library) calls the engine, up to trainer.commands at most: never the
+    command line (trainer.cli, launch), which speaks flags and exit codes."""
+    graph = _graph()
+    wrong = [(m, i) for m in graph if m.startswith("slimtune") for i in graph[m]
+             if i.startswith(("launch", "trainer.cli"))]
+    assert not wrong, wrong
+    assert any(i.startswith("trainer.prune") for m in graph if m.startswith("slimtune")
+               for i in graph[m])
+
+
 def test_the_front_end_is_torch_free_at_import():
     """Everything that ``launch.cli`` and ``trainer.config`` import at module level, all the way
     down, imports no torch (nor another heavy package) at module level: the front end is a
@@ -145,6 +156,7 @@ def test_every_registered_family_is_one_module_with_a_family():
     from trainer.models.family import Family
 
     names = {a.family for a in ARCHS.values()} | {get_arch(f"{p}x").family for p in PREFIXES}
+    names.add(get_arch("mynets:make_net").family)  # the user's own models
     for name in names:
         module = importlib.import_module(f"trainer.models.{name}")
         assert isinstance(module.FAMILY, Family), name

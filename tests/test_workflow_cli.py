@@ -202,3 +202,18 @@ def test_finetune_compile(tmp_path):
     assert tuned["config"]["compile"] is True
     assert not [k for k in tuned["state_dict"] if "_orig_mod" in k or "module." in k]
     load_checkpoint(tmp_path / "s_finetune.pth")  # rebuilds and loads strictly
+
+
+def test_a_run_says_its_threads_first_and_threads_sets_them(tmp_path):
+    """The header line names the process count and the threads chosen (issue 20 §7): the run's
+    own --threads wins over OMP_NUM_THREADS, which wins over the free cores."""
+    args = ["train", "--dataset", "synthetic", "--synthetic-train", "40", "--synthetic-test",
+            "20", "--image-size", "16", "--arch", "resnet18", "--epochs", "1", *FAST,
+            "--output", "a.pth"]
+    res = run_cli(*args, "--threads", "2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == ("train on cpu: 1 process, 2 threads per process "
+                                          "(--threads)")
+    res = run_cli(*args, "--overwrite", cwd=tmp_path)  # tests' env: OMP_NUM_THREADS=1
+    assert res.stdout.splitlines()[0] == ("train on cpu: 1 process, 1 thread per process "
+                                          "(OMP_NUM_THREADS=1)")

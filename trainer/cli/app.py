@@ -8,6 +8,7 @@ import no torch: the commands import what they run when they run.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
@@ -31,6 +32,7 @@ from trainer.config.commands import (
     default_of,
 )
 from trainer.config.settings import RunConfig, option_help, option_type
+from trainer.config.sweep import numeric
 from trainer.errors import HardStop, ParamError, UserError
 from trainer.files.atomic import disk_full
 from trainer.train import dist
@@ -61,6 +63,8 @@ _EXIT, _USAGE, _ABORT = _click_exceptions()
 
 def _option(name: str, default: Any, command: str = "") -> inspect.Parameter:
     typ = option_type(name)
+    if command == "sweep" and numeric(name):  # a list of values (trainer.config.sweep)
+        typ, default = str | None, None if default is None else f"{default:g}"
     if default is None and type(None) not in typing.get_args(typ):
         typ = typ | None  # the command leaves it to a recipe or a default file
     help_text = HELP_BY_COMMAND.get((command, name), option_help(name))
@@ -81,7 +85,10 @@ def _make_command(spec: Command, dispatch: Dispatch) -> Callable[..., int]:
     params += [_option(f, default_of(spec, f), spec.name) for f in spec.fields]
 
     def command(**kwargs: Any) -> int:
-        return dispatch(config_from_options(spec.command, kwargs))
+        try:
+            return dispatch(config_from_options(spec.command, kwargs))
+        except HardStop as hard:  # here: typer >= 0.26 turns it into a silent exit 130
+            return _hard_stop(hard)
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = spec.doc
@@ -133,11 +140,7 @@ def run_app(app: typer.Typer, argv: list[str] | None = None, prog: str = "slimtu
     except (*_ABORT, KeyboardInterrupt) as exc:
         # click turns a KeyboardInterrupt into Abort; a second Ctrl-C (HardStop) says so
         hard = next((e for e in (exc, exc.__cause__) if isinstance(e, HardStop)), None)
-        if hard is not None:
-            dist.report_to_launcher(str(hard), 130)
-            if not launched and (dist.is_main() or dist.world_size() == 1):
-                print(str(hard), file=sys.stderr)
-        return 130
+        return 130 if hard is None else _hard_stop(hard)
     except UserError as exc:  # the library names parameters; the command line, flags
         message = exc.cli_message() if isinstance(exc, ParamError) else str(exc)
         message, code = from_loader_worker(message), exc.exit_code
@@ -147,13 +150,21 @@ def run_app(app: typer.Typer, argv: list[str] | None = None, prog: str = "slimtu
             return _fail(f"the disk is full ({full.strerror}); free some space, then run again "
                          "(add --resume to continue a run from its last finished epoch)", 1,
                          launched)
-        dist.report_to_launcher(f"{type(exc).__name__}: {exc}", 1)
+        _report(f"{type(exc).__name__}: {exc}", 1)
         if launched and dist.is_peer_loss(str(exc)):
             return 1  # only another rank's failure: the launcher names that rank, last
         print(f"[rank {dist.rank()}] crashed:", file=sys.stderr)
         traceback.print_exc()
         return 1
     return _fail(message, code, launched)
+
+
+def _hard_stop(hard: HardStop) -> int:
+    """A second Ctrl-C: one line (the launcher's, in a job), exit code 130."""
+    dist.report_to_launcher(str(hard), 130)
+    if not os.environ.get(dist.FAILURE_DIR_ENV) and (dist.is_main() or dist.world_size() == 1):
+        print(str(hard), file=sys.stderr)
+    return 130
 
 
 MAX_MESSAGE = 2000  # characters of an error line; each quoted value is bounded far below it
@@ -175,7 +186,15 @@ def _fail(message: str, code: int, launched: bool) -> int:
     message = " ".join(message.split("\n"))
     if len(message) > MAX_MESSAGE:  # a last bound: no message may flood a terminal or a log
         message = f"{message[:MAX_MESSAGE]}... ({len(message):,} characters)"
-    dist.report_to_launcher(message, code)
+    _report(message, code)
     if not launched and (dist.is_main() or dist.world_size() == 1):
         print(f"error: {message}", file=sys.stderr)
     return code
+
+
+def _report(message: str, code: int) -> None:
+    """The failure report the launcher reads, written whole: a stop signal meanwhile (the
+    agent SIGTERMs a rank whose peer died) waits, or the launcher would have no rank to name."""
+    loop = sys.modules.get("trainer.train.loop")  # loaded only where a run started
+    with loop.STOP.in_loop() if loop else contextlib.nullcontext():
+        dist.report_to_launcher(message, code)

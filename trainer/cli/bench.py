@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from trainer.cli.archopt import names_user_model
+from trainer.cli.common import ThreadsOption, use_threads
 from trainer.config.settings import LOADER_KINDS
 
 
@@ -47,6 +49,8 @@ def print_result(result: dict[str, Any]) -> None:
         table.add_row(label, f"{rate:,.1f}", f"{min(runs):,.1f}-{max(runs):,.1f}",
                       "" if ratio is None else f"{ratio:.3f}")
     console.print(table)
+    if "threads" in result:
+        console.print(f"threads: {result['threads']}")
     console.print(f"pruned model: {m['pruned_params']:,} params, {m['pruned_macs'] / 1e6:.1f}M "
                   f"MACs/image; unpruned {m['unpruned_params']:,} params, "
                   f"{m['unpruned_macs'] / 1e6:.1f}M MACs/image")
@@ -69,11 +73,14 @@ def parse_loaders(text: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in text.split(",") if k.strip())
 
 
+@names_user_model
 def bench_command(
     checkpoint: Annotated[str | None, typer.Option(
         "--checkpoint", help="Measure this (pruned) checkpoint.")] = None,
     arch: Annotated[str, typer.Option(
-        "--arch", help="Without --checkpoint: the architecture to measure.")] = "resnet50",
+        "--arch", help="Without --checkpoint: the architecture to measure (your own model: "
+                       "module.path:factory); with it, that of a file of your own "
+                       "model.")] = "resnet50",
     ratio: Annotated[float | None, typer.Option(
         "--ratio", help="Without --checkpoint: prune a random-gamma --arch model at this ratio "
                         "(default 0.9).")] = None,
@@ -99,6 +106,7 @@ def bench_command(
     round_to: Annotated[int, typer.Option(
         "--round-to", help="Also time the model pruned at the same ratio with every pruned "
                            "layer at a multiple of this many channels (1 = off), e.g. 8.")] = 1,
+    threads: ThreadsOption = None,
 ) -> int:
     """Images/s of the model alone, of the real fine-tune loop per loader, and of inference.
 
@@ -109,11 +117,13 @@ def bench_command(
     """
     from trainer.measure.bench import BenchOptions, run_bench
 
+    why = use_threads(threads)
     opts = BenchOptions(checkpoint=checkpoint, ratio=ratio, arch=arch, batch_size=batch_size,
                         steps=steps, repeats=repeats, cpu=cpu, num_workers=num_workers,
                         loaders=parse_loaders(loaders), seed=seed, compile=compile_, tf32=tf32,
                         channels_last=channels_last, inference=inference, round_to=round_to)
     result = run_bench(opts)
+    result["threads"] = why
     if json_out:
         print(json.dumps(result))
     else:

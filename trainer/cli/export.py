@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from trainer.cli.archopt import ArchOption, names_user_model
+from trainer.cli.common import ThreadsOption, flag, use_threads
 from trainer.config.exports import (
     CHECK_BATCH,
     DEFAULT_OPSET,
@@ -21,6 +23,7 @@ from trainer.errors import UserError
 _DEFAULTS = ", ".join(f"{SUFFIXES[f]} for {f}" for f in FORMATS)
 
 
+@names_user_model
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(
         help="Checkpoint to export (.pth or .safetensors).", show_default=False)],
@@ -35,10 +38,9 @@ def export_command(
         "--batch-size", show_default=False,
         help="A fixed batch size for the ONNX file, also the size of the check batch (default: "
              f"a dynamic batch axis, checked on {CHECK_BATCH} images).")] = None,
-    dynamic_batch: Annotated[bool, typer.Option(
-        "--dynamic-batch", show_default=False,
-        help="A dynamic batch axis (the default without --batch-size; TorchScript and "
-             "safetensors files take any batch).")] = False,
+    dynamic_batch: flag("--dynamic-batch", "A dynamic batch axis (the default without "
+                        "--batch-size; TorchScript and safetensors files take any "
+                        "batch).") = False,
     opset: Annotated[int, typer.Option(
         "--opset", show_default=False,
         help=f"ONNX opset version (default {DEFAULT_OPSET}).")] = DEFAULT_OPSET,
@@ -46,9 +48,10 @@ def export_command(
         "--input-size", show_default=False,
         help="Input height/width in pixels of the exported graph and the check (default: the "
              "image size the checkpoint was trained at, else 32).")] = None,
-    json_out: Annotated[bool, typer.Option(
-        "--json", show_default=False,
-        help="Print one JSON object instead of the two lines (default off).")] = False,
+    json_out: flag("--json",
+                   "Print one JSON object instead of the two lines (default off).") = False,
+    threads: ThreadsOption = None,
+    arch: ArchOption = None,
 ) -> None:
     """Export a checkpoint to ONNX, TorchScript or safetensors, checked against PyTorch.
 
@@ -67,6 +70,7 @@ def export_command(
     from trainer.files.export import export_checkpoint
     from trainer.measure.profiling import check_input_size
 
+    use_threads(threads)
     info = export_checkpoint(checkpoint, fmt, output, batch=batch_size, opset=opset,
                              input_size=None if input_size is None
                              else check_input_size(input_size))

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from trainer.cli.archopt import ArchOption, names_user_model
+
 
 def wide_console() -> Console:
     """A console for tables and long lines: the terminal's width, or 160 columns when the
@@ -20,14 +22,16 @@ def wide_console() -> Console:
                                                        width=160)
 
 
+@names_user_model
 def info(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint (.pth) to describe.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    arch: ArchOption = None,
 ) -> int:
     """Describe a checkpoint: architecture, classes, params, cfg per stage, history, pruning."""
     from trainer.commands.info import describe
 
-    d = describe(checkpoint)
+    d = describe(checkpoint, arch)
     if json_out:
         print(json.dumps(d))
         return 0
@@ -57,7 +61,8 @@ def prune_line(p: dict[str, Any]) -> str:
     threshold = p.get("threshold")
     how = f"threshold {threshold:.4g}" if isinstance(threshold, (int, float)) else \
         "⌊ratio·C⌋ of every layer"
-    line = (f"pruned from {p.get('source')} at ratio {p.get('ratio')} by {criterion}, "
+    source = p.get("source") or "a model in Python"
+    line = (f"pruned from {source} at ratio {p.get('ratio')} by {criterion}, "
             f"{allocation} ({how})")
     batches = p.get("bn_recalibrate")
     if batches:

@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from trainer.cli.archopt import ArchOption, names_user_model
+from trainer.cli.common import ThreadsOption, flag, use_threads
 from trainer.config.checks import check_path_length
 from trainer.config.exports import require_onnx
 from trainer.config.paths import COMPARE_FIGURE
@@ -94,36 +96,35 @@ def latency_options(device: str | None, cpu: bool, batch_sizes: str, warmup: int
                           runtime)
 
 
+@names_user_model
 def profile_command(
     checkpoints: Annotated[list[Path], typer.Argument(
         help="Checkpoint files (.pth or .safetensors) to measure.", show_default=False)],
     input_size: InputSize = None,
-    json_out: Annotated[bool, typer.Option(
-        "--json", show_default=False,
-        help="Print one JSON object per checkpoint per line instead of a table "
-             "(default off).")] = False,
-    latency: Annotated[bool, typer.Option(
-        "--latency", show_default=False,
-        help="Also measure latency: median and min–max ms per batch and images/s "
-             "(default off).")] = False,
+    json_out: flag("--json", "Print one JSON object per checkpoint per line instead of a "
+                   "table (default off).") = False,
+    latency: flag("--latency", "Also measure latency: median and min–max ms per batch and "
+                  "images/s (default off).") = False,
     device: Device = None,
-    cpu: Annotated[bool, typer.Option(
-        "--cpu", show_default=False, help="Same as --device cpu (default off).")] = False,
+    cpu: flag("--cpu", "Same as --device cpu (default off).") = False,
     batch_sizes: BatchSizes = "1,256",
     repeats: Repeats = 20,
     warmup: Warmup = 5,
     runtime: Runtime = "torch",
+    threads: ThreadsOption = None,
+    arch: ArchOption = None,
 ) -> None:
     """Count params, MACs and FLOPs (= 2×MACs) of checkpoints; optionally measure latency."""
     from trainer.measure.profiling import check_input_size, profile_checkpoint
     from trainer.measure.report import add_latency, render_latency_table
 
+    use_threads(threads)
     size = None if input_size is None else check_input_size(input_size)
     opts = latency_options(device, cpu, batch_sizes, warmup, repeats, runtime) if latency \
         else None
     results = []
     for path in checkpoints:
-        results.append(profile_checkpoint(path, size))
+        results.append(profile_checkpoint(path, size, arch))
         if json_out and opts is None:  # one line per checkpoint as soon as it is counted
             typer.echo(json.dumps(results[-1]))
     if opts is not None:  # timed together: the rounds interleave the models
@@ -191,19 +192,17 @@ def compare_command(
         help=f"Where the comparison figure (PNG) goes (default "
              f"{COMPARE_FIGURE}).")] = COMPARE_FIGURE,
     input_size: InputSize = None,
-    json_out: Annotated[bool, typer.Option(
-        "--json", show_default=False,
-        help="Print one JSON object {rows, figure} instead of a table "
-             "(default off).")] = False,
-    latency: Annotated[bool, typer.Option(
-        "--latency", show_default=False,
-        help="Also measure latency and add the panel 'measured speed-up vs MAC reduction' "
-             "to the figure (default off: a fast, machine-independent figure).")] = False,
+    json_out: flag("--json", "Print one JSON object {rows, figure} instead of a table "
+                   "(default off).") = False,
+    latency: flag("--latency", "Also measure latency and add the panel 'measured speed-up vs "
+                  "MAC reduction' to the figure (default off: a fast, machine-independent "
+                  "figure).") = False,
     device: Device = None,
     batch_sizes: BatchSizes = "1,256",
     repeats: Repeats = 20,
     warmup: Warmup = 5,
     runtime: Runtime = "torch",
+    threads: ThreadsOption = None,
 ) -> None:
     """Compare checkpoints with a baseline: params, MACs, accuracy and a figure.
 
@@ -216,6 +215,7 @@ def compare_command(
         render_latency_table,
     )
 
+    use_threads(threads)
     names = _compare_labels(checkpoints, baseline, output, labels)
     opts = latency_options(device, False, batch_sizes, warmup, repeats, runtime) if latency \
         else None

@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from trainer.config.archs import get_arch
-from trainer.files.checkpoint import build_model, load_checkpoint, summarize_history
+from trainer.files.checkpoint import (
+    build_model,
+    load_checkpoint,
+    summarize_history,
+    trained_input_size,
+)
 from trainer.models.build import family, new_model
 from trainer.models.family import count_params
 from trainer.prune.engine import units_of
@@ -18,13 +23,15 @@ def file_format(ckpt: dict[str, Any]) -> str:
     return "slimtune" if ckpt["format_version"] else "lab {cfg, state_dict}"
 
 
-def describe(path: str) -> dict[str, Any]:
-    """Architecture, classes, params, per-stage widths, history and prune metadata."""
-    ckpt = load_checkpoint(path)
+def describe(path: str, arch: str | None = None) -> dict[str, Any]:
+    """Architecture, classes, params, per-stage widths, history and prune metadata (``arch``:
+    that of a file naming none, as ``--arch``)."""
+    ckpt = load_checkpoint(path, arch)
     model = build_model(ckpt)
     arch = ckpt["arch"]
     kept = _per_stage(arch, units_of(model))
-    full = _per_stage(arch, units_of(new_model(arch, ckpt["num_classes"])))
+    full = _per_stage(arch, units_of(new_model(arch, ckpt["num_classes"], None,
+                                               trained_input_size(ckpt))))
     stages = [{"stage": stage, "kept": sum(sum(b) for b in blocks),
                "full": sum(sum(b) for b in full[stage]), "blocks": blocks}
               for stage, blocks in kept.items()]

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from trainer.commands.prune import cmd_prune
-from trainer.commands.train import cmd_finetune, cmd_train
+from trainer.commands.train import cmd_finetune, cmd_train, scratch_plan
 from trainer.config.paths import (
     CHECKPOINTS,
     PLOTS,
@@ -21,6 +21,7 @@ from trainer.config.paths import (
     gamma_plot_path,
     plot_path,
     run_paths,
+    scratch_name,
     stage_files,
 )
 from trainer.config.settings import FINETUNE_RECIPE, TRAIN_RECIPE, RunConfig
@@ -29,8 +30,14 @@ from trainer.errors import ConfigError
 from trainer.files.atomic import ensure_writable
 from trainer.files.checkpoint import build_model, load_checkpoint
 from trainer.files.safeload import safe_torch_load
-from trainer.measure.plots import plot_comparison
-from trainer.measure.report import StudyRow, compare_rows, quick_latency, write_report
+from trainer.measure.plots import plot_accuracy_vs_macs, plot_comparison
+from trainer.measure.report import (
+    StudyRow,
+    compare_rows,
+    quick_latency,
+    study_story,
+    write_report,
+)
 from trainer.prune.engine import copy_to_meta, model_size
 from trainer.prune.record import PruneRecord
 from trainer.train import dist
@@ -59,13 +66,16 @@ class Stage:
 
 @dataclass
 class Chain:
-    """One target of the study (a ratio or a budget) and its stages in order: a job of its
-    own after the sparse stage (``pipeline --job <tag>``), whose files no other chain reads
-    or writes. A stage added to ``stages`` runs in its turn (its runner: STAGE_RUNNERS)."""
+    """One target of the study (a ratio or a budget) by one criterion and allocation, and its
+    stages in order: a job of its own after the sparse stage (``pipeline --job <tag>``), whose
+    files no other chain reads or writes. A stage added to ``stages`` runs in its turn (its
+    runner: STAGE_RUNNERS)."""
 
-    tag: str  # in file names and job names: '90' (ratio 0.9), '4M' (a params budget)
+    tag: str  # in file names and job names: '90' (ratio 0.9), '4M' (a params budget), 'l1_90'
     label: str  # in tables: 'ratio 0.9', '4M params'
     stages: list[Stage]
+    criterion: str = "bn"
+    allocation: str = "global"
 
     def stage(self, kind: str, number: int) -> Stage | None:
         return next((s for s in self.stages if s.kind == kind and s.round == number), None)
@@ -95,18 +105,20 @@ def plan_stages(run: RunConfig, unpruned: dict[str, int] | None = None) -> Stage
     prune and the fine-tune recipe with the pipeline's epochs, lr, batch. ``unpruned``: the
     sparse model's params and MACs, which place the budgets of the rounds before the last."""
     sparse = Path(run.workdir) / CHECKPOINTS / SPARSE
+    study, run = run, run.replace(scratch=None)  # --scratch is the chains' last stage's own
     train = run.replace(command="train", optimizer=TRAIN_RECIPE["optimizer"],
                         weight_decay=TRAIN_RECIPE["weight_decay"], epochs=run.train_epochs,
                         lr=run.train_lr, output=str(sparse), plot=None, checkpoint=None,
                         init=None)
-    planned = []
-    for (tag, label), amounts in zip(chains(run), _amounts(run, unpruned or {})):
-        stages, src = [], sparse
-        for p, amount in enumerate(amounts, start=1):
+    planned, targets = [], list(_amounts(run, unpruned or {}))
+    for spec in chains(run):
+        stages, src, tag = [], sparse, spec.tag
+        for p, amount in enumerate(targets[spec.target], start=1):
             pruned, tuned = stage_files(run.workdir, tag, p, run.passes)
             prune = run.replace(command="prune", checkpoint=str(src), output=str(pruned),
-                                plot=None, **{"ratio": None, "target_params": None,
-                                              "target_macs": None, **amount})
+                                plot=None, criterion=spec.criterion, allocation=spec.allocation,
+                                **{"ratio": None, "target_params": None, "target_macs": None,
+                                   **amount})
             # a round before the last fine-tunes with λ, so that the next one's |γ| separate
             ft = run.replace(command="finetune", **FINETUNE_RECIPE).replace(
                 checkpoint=str(pruned), output=str(tuned), epochs=run.finetune_epochs,
@@ -115,8 +127,19 @@ def plan_stages(run: RunConfig, unpruned: dict[str, int] | None = None) -> Stage
                 teacher=str(sparse) if run.kd else None)
             stages += [Stage("prune", p, prune, pruned), Stage("finetune", p, ft, tuned)]
             src = tuned
-        planned.append(Chain(tag, label, stages))
+        if study.scratch:
+            stages.append(scratch_stage(train, stages[-2], study.scratch))
+        planned.append(Chain(tag, spec.label, stages, spec.criterion, spec.allocation))
     return Stages(sparse, train, planned)
+
+
+def scratch_stage(train: RunConfig, pruned: Stage, kind: str) -> Stage:
+    """The last pruned architecture trained from scratch (``train --scratch-from``): the sparse
+    stage's recipe without sparsity, Scratch-E's or Scratch-B's epochs (Liu et al. 2019)."""
+    output = scratch_name(pruned.output, kind)
+    scratch = train.replace(scratch_from=str(pruned.output), scratch=kind, sparsity=0.0,
+                            output=str(output))
+    return Stage("scratch", pruned.round, scratch, output)
 
 
 def _amounts(run: RunConfig, unpruned: dict[str, int]):
@@ -288,7 +311,23 @@ def _run_finetune(run: RunConfig, chain: Chain, stage: Stage, accelerator, plots
     return action != "skip"
 
 
-STAGE_RUNNERS = {"prune": _run_prune, "finetune": _run_finetune}
+def _run_scratch(run: RunConfig, chain: Chain, stage: Stage, accelerator, plots: Path,
+                 upstream_ran: bool) -> bool:
+    """Train the pruned architecture from scratch (skipped or resumed where --resume may);
+    whether it trained."""
+    kind = stage.run.scratch
+    _stage(f"4. Scratch-{kind}: {Path(stage.run.scratch_from).name}'s architecture from fresh "
+           f"weights -> {stage.output.name}")
+    planned = scratch_plan(stage.run)[0]  # Scratch-B's epochs: what --resume compares
+    action = stage_action(run, planned, stage.output, upstream_ran=upstream_ran)
+    if action == "fresh" and run.resume:
+        _drop_stale_state(stage.output)
+    if action != "skip":
+        cmd_train(stage.run.replace(resume=action == "resume"), accelerator, plots)
+    return action != "skip"
+
+
+STAGE_RUNNERS = {"prune": _run_prune, "finetune": _run_finetune, "scratch": _run_scratch}
 
 
 def study_rows(run: RunConfig, stages: Stages) -> list[StudyRow]:
@@ -304,10 +343,15 @@ def study_rows(run: RunConfig, stages: Stages) -> list[StudyRow]:
             pruned, tuned = chain.stage("prune", p).output, chain.stage("finetune", p).output
             record = PruneRecord.from_dict(load_checkpoint(pruned).get("prune"))
             best = load_checkpoint(tuned)
-            rows.append(StudyRow(chain.label, chain.tag, p, p == run.passes, record.ratio,
-                                 str(tuned), str(pruned), record.params_after,
-                                 best.get("best_acc"), record.acc_after,
-                                 macs=record.macs_after))
+            scratch = chain.stage("scratch", p)
+            rows.append(StudyRow(
+                chain.label, chain.tag, p, p == run.passes, record.ratio, str(tuned),
+                str(pruned), record.params_after, best.get("best_acc"), record.acc_after,
+                macs=record.macs_after, criterion=record.criterion,
+                allocation=record.allocation, acc_after_stale=record.acc_after_stale,
+                bn_recalibrate=record.bn_recalibrate,
+                scratch=scratch.run.scratch if scratch else None,
+                scratch_acc=load_checkpoint(scratch.output).get("best_acc") if scratch else None))
     return rows
 
 
@@ -328,16 +372,21 @@ def _stage(text: str) -> None:
 def _print_rows(rows: list[StudyRow]) -> None:
     table = Table(title="pipeline summary")
     rounds = any(r.round > 1 for r in rows)
-    for col in ("target", *(["round"] if rounds else []), "ratio", "params", "best test acc",
-                "acc right after prune"):
+    variants = len({(r.criterion, r.allocation) for r in rows}) > 1
+    scratch = next((r.scratch for r in rows if r.scratch), None)
+    for col in (*(["criterion", "allocation"] if variants else []), "target",
+                *(["round"] if rounds else []), "ratio", "params", "best test acc",
+                "acc right after prune", *([f"Scratch-{scratch}"] if scratch else [])):
         table.add_column(col, justify="right")
 
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.2f}%"
 
     for r in rows:
-        table.add_row(r.target, *([str(r.round)] if rounds else []), f"{r.ratio:.4g}",
-                      f"{r.params:,}", fmt(r.best_acc), fmt(r.acc_after))
+        table.add_row(*([r.criterion, r.allocation] if variants else []), r.target,
+                      *([str(r.round)] if rounds else []), f"{r.ratio:.4g}",
+                      f"{r.params:,}", fmt(r.best_acc), fmt(r.acc_after),
+                      *([fmt(r.scratch_acc) if r.final else ""] if scratch else []))
     console.print(table)
 
 
@@ -347,13 +396,13 @@ def finish_study(run: RunConfig, baseline: Path, rows: list[StudyRow], plots: Pa
     last round of each target (compared); ``rounds``: every round (a row each in report.md)."""
     rounds = rounds or rows
     many = run.passes > 1
-    labels = ["original (sparse-trained)"] + [f"pruned {_what(r, many)} + fine-tuned"
+    labels = ["original (sparse-trained)"] + [f"pruned {_what(r, many, run)} + fine-tuned"
                                               for r in rounds]
     table = compare_rows([str(baseline)] + [r.checkpoint for r in rounds], labels,
                          input_size=run.image_size)  # MACs at the size the study ran at
     final = [table[0]] + [t for t, r in zip(table[1:], rounds) if r.final]
     quick_latency(final, run.cpu)  # report.md's latency columns, the figure's speed-up panel
-    figure = comparison_figure(plots, [r.tag for r in rows])
+    figure = comparison_figure(plots, list(dict.fromkeys(_target_tag(r) for r in rows)))
     plot_comparison(final, figure, title=f"{run.dataset}: original vs pruned + fine-tuned")
     figures = [("comparison", figure), ("sparse training",
                                          plot_path(run.replace(command="train", plot=None),
@@ -361,22 +410,51 @@ def finish_study(run: RunConfig, baseline: Path, rows: list[StudyRow], plots: Pa
     checkpoints, gammas = [baseline], []
     for r in rounds:
         pruned, tuned = Path(r.pruned), Path(r.checkpoint)
-        checkpoints += [pruned, tuned]
+        checkpoints += [pruned, tuned] + ([scratch_name(pruned, r.scratch)] if r.scratch else [])
         gammas.append(gamma_plot_path(pruned, plots))
-        what = _what(r, many)
+        what = _what(r, many, run)
         figures.append((f"γ distribution, {what}", gammas[-1]))
         figures.append((f"fine-tuning, {what}",
                         plot_path(run.replace(command="finetune", plot=None), tuned, plots)))
     study = [dataclasses.replace(r, macs=t["macs"])
              for r, t in zip(rounds, table[1:])]  # table[0] is the baseline
+    compared = None
+    if _baselines(run):  # the criteria study: its table and accuracy-vs-MACs figure
+        compared = [dataclasses.asdict(r) for r in study if r.final]
+        figures.insert(1, ("accuracy vs MACs per criterion", plot_accuracy_vs_macs(
+            compared, plots / ACC_VS_MACS, title=f"{run.dataset}: criteria and baselines",
+            baseline=table[0])))
     report = write_report(Path(run.workdir), title="slimtune study", rows=final, figures=figures,
-                          pipeline_rows=study, settings=_settings(run))
+                          pipeline_rows=study, settings=_settings(run),
+                          comparison_rows=compared)
+    for line in study_story(final, [r for r in rounds if r.final]):
+        say(line)
     say_outputs(checkpoints, plots, gammas, figure, report)
 
 
-def _what(row: StudyRow, many_rounds: bool) -> str:
-    """'ratio 0.9', '4M params', 'ratio 0.9, round 2'."""
-    return row.target + (f", round {row.round}" if many_rounds else "")
+ACC_VS_MACS = "accuracy_vs_macs.png"  # the criteria study's figure, under plots/
+
+
+def _baselines(run: RunConfig) -> bool:
+    """Whether the study compares slimming with baselines (other criteria or allocations, or
+    scratch runs): then report.md has their table and the accuracy-vs-MACs figure."""
+    return (tuple(run.criteria), tuple(run.allocations)) != (("bn",), ("global",)) or \
+        bool(run.scratch)
+
+
+def _target_tag(row: StudyRow) -> str:
+    """The target's part of a chain's tag: 'l1_uniform_90' -> '90'."""
+    return row.tag.rsplit("_", 1)[-1]
+
+
+def _what(row: StudyRow, many_rounds: bool, run: RunConfig | None = None) -> str:
+    """'ratio 0.9', '4M params', 'ratio 0.9, round 2'; in a study of several criteria or
+    allocations 'ratio 0.9, l1' or 'ratio 0.9, bn uniform'."""
+    variant = ""
+    if run is not None and (len(run.criteria) > 1 or len(run.allocations) > 1):
+        variant = f", {row.criterion}" + ("" if len(run.allocations) == 1 else
+                                          f" {row.allocation}")
+    return row.target + variant + (f", round {row.round}" if many_rounds else "")
 
 
 def _settings(run: RunConfig) -> dict:
@@ -389,8 +467,21 @@ def _settings(run: RunConfig) -> dict:
             ("budgets" if run.targets else "ratios"): amounts,
             "rounds per target": run.passes, "round-to": run.round_to,
             "teacher (distillation)": "the sparse model" if run.kd else "none",
+            **_baseline_settings(run),
             "batch size (train / fine-tune)": f"{run.batch_size} / {run.finetune_batch_size}",
             "seed": run.seed}
+
+
+def _baseline_settings(run: RunConfig) -> dict:
+    """The criteria, allocations, scratch runs and adaptive BN of a study, as report.md lists
+    them (the criteria and allocations only when they are not slimming's alone)."""
+    out = {}
+    if _baselines(run):
+        out = {"criteria": ", ".join(run.criteria), "allocations": ", ".join(run.allocations),
+               "trained from scratch": f"Scratch-{run.scratch}" if run.scratch else "no"}
+    bn = (f"{run.bn_recalibrate} training batches" if run.bn_recalibrate and run.eval
+          else "off (the unpruned network's statistics)")
+    return out | {"adaptive BN before the accuracy right after pruning": bn}
 
 
 def say_outputs(checkpoints: list[Path], plots: Path, gammas: list[Path], figure: Path,

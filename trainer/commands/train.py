@@ -10,13 +10,15 @@ from pathlib import Path
 
 import torch
 
-from trainer.config.archs import DEFAULT_ARCH
+from trainer.config.archs import DEFAULT_ARCH, user_arch_name
 from trainer.config.paths import PLOTS, input_checkpoint, output_path, plot_path
 from trainer.config.settings import INHERITED, RunConfig, saved_config, with_data_defaults
+from trainer.config.usercode import allowing
 from trainer.data.datasets import check_classes, dataset_classes
 from trainer.errors import ConfigError, ParamError
 from trainer.files.atomic import ensure_writable
 from trainer.files.checkpoint import build_model, load_checkpoint
+from trainer.files.pretrained import initial_model
 from trainer.measure.plots import plot_curves
 from trainer.measure.profiling import check_input_fits
 from trainer.models.build import family, fresh_like, fresh_model
@@ -52,6 +54,12 @@ def inherit_data_settings(run: RunConfig, quiet: bool = False) -> RunConfig:
 
 
 def preflight(run: RunConfig) -> None:
+    """:func:`check_inputs`, with the user model --arch names allowed."""
+    with allowing(user_arch_name(run.arch)):
+        check_inputs(run)
+
+
+def check_inputs(run: RunConfig) -> None:
     """The input checks each rank makes first, made once by the launcher before a job of
     several processes starts: a bad checkpoint or a missing dataset is then one line, with no
     process started and no file written, not one report per rank after torchrun's own.
@@ -119,13 +127,22 @@ def cmd_train(run: RunConfig, accelerator, plots_dir: Path = PLOTS):
 
 
 def _initial_model(run: RunConfig, data):
-    """--init's model, or a fresh one of --arch (seeded: the same on every rank)."""
+    """--init's model, or a fresh one of --arch (seeded: the same on every rank), refused
+    before training if its family cannot prune it."""
     torch.manual_seed(run.seed)
-    if run.init:
-        model = build_model(load_checkpoint(run.init, run.arch))
-        check_classes(data.name, data.num_classes, model.num_classes, f"--init {run.init}")
-        return model
-    return fresh_model(run.arch or DEFAULT_ARCH, data.num_classes, run.gamma_init)
+    if run.init:  # a plain torchvision/timm state_dict too (trainer.files.pretrained)
+        start = initial_model(run.init, run.arch, data.num_classes, run.image_size)
+        if start.replaced:
+            layer, classes = start.replaced
+            say(f"--init {run.init}: its classifier {layer} has {classes} classes and the "
+                f"{data.name} data {data.num_classes}; replaced {layer} by a freshly "
+                "initialised one")
+        model = start.model
+    else:
+        model = fresh_model(run.arch or DEFAULT_ARCH, data.num_classes, run.gamma_init,
+                            input_size=run.image_size)
+    family(model.arch).check_prunable(model)
+    return model
 
 
 def check_scratch_arch(run: RunConfig, ckpt: dict) -> None:
@@ -143,28 +160,42 @@ def scratch_epochs(epochs: int, kind: str, macs_unpruned: int, macs_pruned: int)
     return epochs * macs_unpruned // macs_pruned if kind == "B" else epochs
 
 
-def scratch_start(run: RunConfig, data):
-    """``train --scratch-from``: a fresh model of the pruned file's architecture (seeded by
-    --seed), the run with Scratch-B's epochs, and what the checkpoint records of it."""
+def scratch_plan(run: RunConfig):
+    """``train --scratch-from``'s plan: the run with Scratch-E's or Scratch-B's epochs, what the
+    checkpoint records of it, and the pruned model. A file of the unpruned architecture
+    (nothing pruned: as many MACs as --arch at full width) is refused."""
     src = run.scratch_from
     ckpt = load_checkpoint(src, run.arch)
     check_scratch_arch(run, ckpt)
-    check_classes(data.name, data.num_classes, ckpt["num_classes"], f"--scratch-from {src}")
     pruned = build_model(ckpt)
     check_input_fits(pruned, run.image_size, "--image-size")
     fam = family(pruned.arch)
     full = fam.skeleton(pruned.arch, pruned.num_classes, fam.default_widths(pruned.arch))
     macs = [model_size(m, "macs", run.image_size) for m in (full, copy_to_meta(pruned))]
+    if macs[1] >= macs[0]:
+        raise ConfigError(f"--scratch-from {src} has the unpruned architecture of {pruned.arch} "
+                          f"({macs[1]:,} MACs, as at full width): training it from scratch is "
+                          "plain train; give a pruned checkpoint (what prune writes)")
     kind = run.scratch or "E"
     epochs = scratch_epochs(run.epochs, kind, *macs)
-    torch.manual_seed(run.seed)  # the same initial model on every rank
-    model = fresh_like(pruned, run.gamma_init)
     record = {"from": str(src), "kind": kind, "base_epochs": run.epochs, "epochs": epochs,
               "macs_unpruned": macs[0], "macs_pruned": macs[1], "input_size": run.image_size}
-    if kind == "B":
-        say(f"Scratch-B: {epochs} epochs = ⌊{run.epochs} × {macs[0]:,} / {macs[1]:,} MACs⌋ "
-            f"(unpruned / pruned, at {run.image_size}x{run.image_size})")
-    return model, run.replace(epochs=epochs), {"scratch": record}
+    return run.replace(epochs=epochs), record, pruned
+
+
+def scratch_start(run: RunConfig, data):
+    """``train --scratch-from``: a fresh model of the pruned file's architecture (seeded by
+    --seed), the run with Scratch-B's epochs, and what the checkpoint records of it."""
+    planned, record, pruned = scratch_plan(run)
+    check_classes(data.name, data.num_classes, pruned.num_classes,
+                  f"--scratch-from {run.scratch_from}")
+    torch.manual_seed(run.seed)  # the same initial model on every rank
+    model = fresh_like(pruned, run.gamma_init)
+    if record["kind"] == "B":
+        say(f"Scratch-B: {record['epochs']} epochs = ⌊{run.epochs} × "
+            f"{record['macs_unpruned']:,} / {record['macs_pruned']:,} MACs⌋ (unpruned / "
+            f"pruned, at {run.image_size}x{run.image_size})")
+    return model, planned, {"scratch": record}
 
 
 def cmd_finetune(run: RunConfig, accelerator, plots_dir: Path = PLOTS):

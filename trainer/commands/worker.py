@@ -11,10 +11,11 @@ from trainer.commands.evaluate import cmd_evaluate
 from trainer.commands.pipeline import check_study_outputs, run_pipeline
 from trainer.commands.prune import cmd_prune
 from trainer.commands.train import cmd_finetune, cmd_train, inherit_data_settings
-from trainer.config.archs import with_recipe
+from trainer.config.archs import user_arch_name, with_recipe
 from trainer.config.checks import validate
 from trainer.config.paths import lock_file, output_path, run_paths
 from trainer.config.settings import RunConfig
+from trainer.config.usercode import allowing
 from trainer.errors import ConfigError, StopRequested
 from trainer.files.atomic import remove_empty_made
 from trainer.files.lock import OutputLock, roles_here
@@ -22,25 +23,33 @@ from trainer.train import dist
 from trainer.train.fit import keep_earlier_run
 from trainer.train.loop import STOP
 from trainer.train.progress import console, say
-from trainer.train.runtime import check_tracker, end_run, make_accelerator
+from trainer.train.runtime import check_tracker, end_run, make_accelerator, use_threads
 
 COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evaluate,
             "prune": cmd_prune, "pipeline": run_pipeline}
 
 
 def run_worker(run: RunConfig) -> int:
-    """Run ``run.command`` in this process (one rank of a job, or the whole job)."""
+    """Run ``run.command`` in this process (one rank of a job, or the whole job); a user
+    model named by --arch may be imported while it runs (trainer.config.usercode)."""
+    with allowing(user_arch_name(run.arch)):
+        return _run_worker(run)
+
+
+def _run_worker(run: RunConfig) -> int:
     STOP.install()  # first: a signal while the data is read or the model built stops at once
     lock = accelerator = None
     try:
         run = inherit_data_settings(with_recipe(run))
         validate(run)
+        threads = use_threads(run)
         if run.log_with:
             check_tracker(run.log_with)
         lock = take_output_lock(run)
         check_outputs(run)
         accelerator = make_accelerator(run)
         run = run.replace(num_processes=accelerator.num_processes)
+        say(header(run, accelerator.device.type, threads))
         if run.debug:
             say("resolved settings:", run.to_dict())
         COMMANDS[run.command](run, accelerator)
@@ -66,6 +75,13 @@ def run_worker(run: RunConfig) -> int:
             lock.release()
         remove_empty_made()  # a run that failed leaves no empty folder of its making
     return 0
+
+
+def header(run: RunConfig, device: str, threads) -> str:
+    """The run's first line: what runs where, with how many processes and threads."""
+    procs = run.num_processes
+    return (f"{run.command} on {device}: {procs} process{'es' if procs != 1 else ''}, "
+            f"{threads}")
 
 
 def take_output_lock(run: RunConfig) -> OutputLock | None:

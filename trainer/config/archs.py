@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainer.config.usercode import HOW, looks_like_user_name, parse_user_name
 from trainer.errors import ParamError
 
 
@@ -64,15 +65,27 @@ ARCHS: dict[str, Arch] = {a.name: a for a in _ARCHS}
 DEFAULT_ARCH = "resnet50"
 
 TORCHVISION = "torchvision:"  # + the name of any torchvision classification CNN
+TIMM = "timm:"  # + the name of a timm CNN with BatchNorm (the timm extra)
 # prefix -> (family module, what the name after it is, recipe)
 PREFIXES: dict[str, tuple[str, str, dict[str, Any]]] = {
     TORCHVISION: ("torchvision_zoo", "a torchvision classification CNN", RESNET_RECIPE),
+    TIMM: ("timm_zoo", "a timm CNN with BatchNorm", RESNET_RECIPE),
 }
+# Your own model by name: (family module, what it is, recipe); see trainer.config.usercode.
+USER = ("user", "your model: a function or class taking num_classes", RESNET_RECIPE)
+
+
+def user_arch_name(name: object) -> str | None:
+    """``name`` when it names a user model (``mynets:make_net``), else None."""
+    if not looks_like_user_name(name) or name in ARCHS:
+        return None
+    return None if any(name.startswith(p) for p in PREFIXES) else name
 
 
 def arch_choices(joiner: str = "or") -> str:
     """'resnet50, ..., densenet40 or torchvision:NAME (a torchvision classification CNN)'."""
     prefixed = [f"{p}NAME ({what})" for p, (_, what, _) in PREFIXES.items()]
+    prefixed.append(f"{HOW} ({USER[1]})")
     return f"{', '.join(ARCHS)} {joiner} {', '.join(prefixed)}"
 
 
@@ -84,6 +97,10 @@ def get_arch(name: str) -> Arch:
         for prefix, (module, _, recipe) in PREFIXES.items():
             if name.startswith(prefix) and name[len(prefix):]:
                 return Arch(name, module, {"model": name[len(prefix):]}, GRAPH_PRUNED, recipe)
+    if looks_like_user_name(name):  # checked, never imported here (trainer.config.usercode)
+        module, factory = parse_user_name(name)
+        return Arch(name, USER[0], {"module": module, "factory": factory}, GRAPH_PRUNED,
+                    USER[2])
     raise ParamError.value("arch", name, f" is unknown; use one of {arch_choices()}", quote=True)
 
 
@@ -91,6 +108,7 @@ def recipes_text(indent: str = "      ") -> str:
     """Two lines per group of archs that prune and train alike (for --help)."""
     groups: dict[tuple, list[str]] = {}
     named = [get_arch(f"{p}NAME") for p in PREFIXES]
+    named.append(Arch(HOW, USER[0], {}, GRAPH_PRUNED, USER[2]))
     for arch in [*ARCHS.values(), *named]:
         groups.setdefault((arch.pruned, tuple(arch.recipe.items())), []).append(arch.name)
     lines = []

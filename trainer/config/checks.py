@@ -18,6 +18,7 @@ from trainer.config.archs import get_arch
 from trainer.config.paths import fmt_count, input_checkpoint, ratio_tag, written_files
 from trainer.config.settings import (
     ALLOCATIONS,
+    AUGMENTS,
     BUDGET_KINDS,
     CRITERIA,
     DATASETS,
@@ -54,6 +55,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mode": _one_of(MODES),
     "mixed_precision": _one_of(MIXED_PRECISIONS),
     "loader": _one_of(LOADERS),
+    "augment": _one_of(AUGMENTS),
     "sparsity": (lambda v: _finite(v) and v >= 0, ": must be 0 or positive"),
     "weight_decay": (lambda v: _finite(v) and v >= 0, ": must be 0 or positive"),
     "warmup_epochs": (lambda v: _finite(v) and v >= 0, ": must be 0 or positive"),
@@ -63,6 +65,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dist_timeout": (lambda v: v >= 1, ": need at least 1 second"),
     "min_channels": (lambda v: v >= 0, ": must be 0 or more"),
     "num_workers": (lambda v: v >= 0, ": must be 0 or more"),
+    "threads": (lambda v: v is None or 1 <= v <= 1024, ": use 1 or more (threads per process)"),
     "limit_batches": (lambda v: v is None or v >= 1, ": must be 1 or more"),
     "image_size": (lambda v: v >= 8, ": must be 8 or more"),
     "round_to": (lambda v: v >= 1, ": use 1 (off) or more, e.g. 8"),
@@ -81,8 +84,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "jobs": (lambda v: v is None or v >= 1, ": need at least 1 job at once"),
     "gpus_per_job": (lambda v: v is None or v >= 1, ": need at least 1 GPU per job"),
 }
-_QUOTED = {"optimizer", "mode", "mixed_precision", "loader", "target_kind", "scope", "criterion",
-           "allocation", "scratch"}
+_QUOTED = {"optimizer", "mode", "mixed_precision", "loader", "augment", "target_kind", "scope",
+           "criterion", "allocation", "scratch"}
 
 
 def check(param: str, value: Any) -> Any:
@@ -167,6 +170,25 @@ def _check_pruning(run: RunConfig) -> None:
         if twice:
             raise ParamError("{targets} lists " + ", ".join(twice) + " twice; give each budget "
                              "once", "targets")
+    if run.command == "pipeline":
+        check_choices_list(run, "criteria", "criterion")
+        check_choices_list(run, "allocations", "allocation")
+
+
+def check_choices_list(run: RunConfig, param: str, one: str) -> None:
+    """--criteria / --allocations: at least one, each a known ``one`` (its rule), none twice."""
+    values = getattr(run, param)
+    if not values:
+        raise ParamError("{" + param + "} is empty; give at least one, e.g. {" + param + "} "
+                         f"{getattr(RunConfig(), param)[0]}", param)
+    for value in values:
+        ok, problem = RULES[one]
+        if not ok(value):
+            raise ParamError.value(param, value, problem, quote=True, cli_hint="; see --help")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise ParamError("{" + param + "} lists " + ", ".join(twice) + " twice; give each "
+                         "once", param)
 
 
 def check_scratch(run: RunConfig) -> None:

@@ -31,6 +31,7 @@ from trainer.config.archs import arch_choices
 
 RUN_COMMANDS = ("train", "prune", "finetune", "evaluate", "pipeline")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
+AUGMENTS = ("auto", "cifar", "imagenet", "none")  # trainer.data.datasets.augment_of
 LOADERS = ("auto", "torch", "gpu")  # auto = gpu on CUDA (in-memory datasets), else torch
 LOADER_KINDS = ("torch", "gpu")  # what "auto" resolves to
 OPTIMIZERS = ("sgd", "adam")
@@ -98,6 +99,11 @@ class RunConfig:
                              "recorded")
     image_size: int = setting(32, "Image side in pixels (imagefolder images are resized to it).",
                               "result")
+    augment: str = setting("auto", f"Transforms: {_or(AUGMENTS)}. auto = imagenet for "
+                           "imagefolder at --image-size 64 or more, else cifar. imagenet: train "
+                           "RandomResizedCrop + flip, eval resize the short side to size/0.875 "
+                           "+ centre crop, ImageNet mean/std; cifar: pad-and-crop + flip; none: "
+                           "train as eval.", "result")
     synthetic_train: int = setting(5000, "Images in the synthetic train split.", "result")
     synthetic_test: int = setting(1000, "Images in the synthetic test split.", "result")
     num_workers: int = setting(2, "DataLoader worker processes per rank (torch loader).",
@@ -169,6 +175,16 @@ class RunConfig:
                                        "4M,2M) of --target-kind; files are named by the budget "
                                        "(model_prune_4M.pth).", "recorded", cli=str)
     target_kind: str = setting("params", "What --targets count: params or macs.", "recorded")
+    criteria: tuple[str, ...] = setting(("bn",), f"Comma-separated channel criteria "
+                                        f"({_or(CRITERIA)}; see prune --criterion): a chain of "
+                                        "prune -> fine-tune per criterion and target; files of "
+                                        "criteria other than bn are named by it "
+                                        "(model_prune_l1_50.pth).", "recorded", cli=str)
+    allocations: tuple[str, ...] = setting(("global",), f"Comma-separated allocations "
+                                           f"({_or(ALLOCATIONS)}; see prune --allocation), "
+                                           "each a chain per criterion and target "
+                                           "(model_prune_bn_uniform_50.pth).", "recorded",
+                                           cli=str)
     passes: int = setting(1, "Reach each ratio/budget in this many prune -> fine-tune rounds "
                           "(the paper's multi-pass scheme); each round's files are kept.",
                           "recorded")
@@ -217,6 +233,9 @@ class RunConfig:
                         "augmentation).", "result")
     cpu: bool = setting(False, "Run on CPU (with --gpus N --mode ddp: N gloo processes).",
                         "recorded")
+    threads: int | None = setting(None, "CPU threads of each process (default: the cores not "
+                                  "busy at start, split over the processes; OMP_NUM_THREADS "
+                                  "if set).", "volatile")
     debug: bool = setting(False, "In-process, num_workers=0, anomaly detection, print resolved "
                           "settings.", "volatile")
     mode: str = setting("ddp", f"Multi-GPU mode: {_or(MODES)}. ddp = one process per GPU "
@@ -277,20 +296,24 @@ class RunConfig:
                                 "SLURM job arrays with one task per job of the study (each the "
                                 "same command with --resume), the report after them; submit it "
                                 "with: bash FILE.", "launcher")
+    # sweep (trainer.config.sweep): ((setting, (value, ...)), ...) of the grid
+    grid: tuple = setting((), "The sweep's settings and their values.", "launcher",
+                          option=False)
     # filled in by the worker: total processes of the job
     num_processes: int = setting(1, "Processes of the job.", "result", option=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values only (safe for ``weights_only`` checkpoints and JSON)."""
         out = dataclasses.asdict(self)
-        out["ratios"], out["targets"] = list(self.ratios), list(self.targets)
+        for key in TUPLES:
+            out[key] = list(getattr(self, key))
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
-        for key in ("ratios", "targets"):
+        for key in TUPLES:
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
@@ -300,6 +323,8 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------- derived from the fields
+
+TUPLES = ("ratios", "targets", "criteria", "allocations")  # lists: JSON and checkpoints as lists
 
 
 def _fields_of(kind: str) -> tuple[str, ...]:
@@ -351,7 +376,8 @@ def option_names() -> tuple[str, ...]:
 
 # The data settings a command that reads a checkpoint takes from the checkpoint's saved
 # settings when the command line leaves them out (None).
-INHERITED = ("dataset", "data_dir", "image_size", "synthetic_train", "synthetic_test")
+INHERITED = ("dataset", "data_dir", "image_size", "augment", "synthetic_train",
+             "synthetic_test")
 
 
 def with_data_defaults(run: RunConfig, saved: dict[str, Any] | None) -> tuple[RunConfig, list]:

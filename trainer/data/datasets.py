@@ -1,7 +1,9 @@
 """Datasets: CIFAR-10/100, an image folder, built-in synthetic shapes (loaders: trainer.data.loaders).
 
 Every dataset yields ``(normalised float CHW tensor, int label)``; the train split with the
-CIFAR augmentation (random crop with zero padding image_size // 8, horizontal flip). Datasets that
+CIFAR augmentation (random crop with zero padding image_size // 8, horizontal flip), or for an
+image folder at 64 px or more ImageNet's (RandomResizedCrop + flip; eval: resize the short side
+to size / 0.875, centre crop), or what ``augment`` says (:func:`augment_of`). Datasets that
 fit in memory also expose their raw uint8 arrays for the device-resident ``gpu`` loader.
 
 Problems the user can fix (missing or corrupt files, empty folders) raise
@@ -54,6 +56,34 @@ class Datasets:
     notes: tuple[str, ...] = ()  # what reading the files skipped, said once by the main process
 
 
+# eval at ImageNet sizes: the short side resized to size / CROP_FRACTION, then the centre
+# size x size crop (224 px: resize to 256, crop 224).
+CROP_FRACTION = 0.875
+IMAGENET_FROM = 64  # px: from this --image-size up, auto picks the ImageNet transforms
+
+
+def augment_of(augment: str, image_size: int, dataset: str) -> str:
+    """The transforms a run uses: ``augment``, or for ``auto`` imagenet for an image folder at
+    IMAGENET_FROM px or more, else cifar (CIFAR and synthetic images are the run's size)."""
+    if augment != "auto":
+        return augment
+    big_photos = dataset == "imagefolder" and image_size >= IMAGENET_FROM
+    return "imagenet" if big_photos else "cifar"
+
+
+def transforms_for(augment: str, image_size: int, mean, std,
+                   resize: bool = False) -> tuple[T.Compose, T.Compose]:
+    """(train, eval) PIL -> tensor transforms of a resolved ``augment`` (:func:`augment_of`):
+    imagenet (the ImageNet statistics: pass them), cifar, or none (train as eval)."""
+    if augment == "imagenet":
+        return (T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(),
+                           T.ToTensor(), T.Normalize(mean, std)]),
+                T.Compose([T.Resize(int(image_size / CROP_FRACTION)), T.CenterCrop(image_size),
+                           T.ToTensor(), T.Normalize(mean, std)]))
+    test = eval_transform(image_size, mean, std, resize)
+    return (test if augment == "none" else train_transform(image_size, mean, std, resize)), test
+
+
 def train_transform(image_size: int, mean, std, resize: bool = False) -> T.Compose:
     """PIL image -> augmented, normalised tensor (RandomCrop with padding + horizontal flip)."""
     head = [T.Resize((image_size, image_size))] if resize else []
@@ -83,19 +113,21 @@ class ArrayDataset(Dataset):
 
 def build_datasets(name: str, data_dir: str, *, image_size: int = 32, download: bool = True,
                    synthetic_train: int = 5000, synthetic_test: int = 1000,
-                   seed: int = 0) -> Datasets:
+                   seed: int = 0, augment: str = "auto") -> Datasets:
     """Load dataset ``name`` (one of DATASETS) from ``data_dir``; raise DataError if unusable.
 
     cifar10/cifar100 read torchvision's python folders (downloaded if absent and ``download``);
     imagefolder reads ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (or ``test/``);
     synthetic draws ``synthetic_train`` / ``synthetic_test`` images from ``seed`` (offline).
+    ``augment``: the transforms (:func:`augment_of`).
     """
+    augment = augment_of(augment, image_size, name)
     if name in ("cifar10", "cifar100"):
-        return _build_cifar(name, data_dir, image_size, download)
+        return _build_cifar(name, data_dir, image_size, download, augment)
     if name == "imagefolder":
-        return _build_imagefolder(data_dir, image_size)
+        return _build_imagefolder(data_dir, image_size, augment)
     if name == "synthetic":
-        return _build_synthetic(image_size, synthetic_train, synthetic_test, seed)
+        return _build_synthetic(image_size, synthetic_train, synthetic_test, seed, augment)
     raise DataError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
 
 
@@ -302,22 +334,38 @@ def _cifar_there(name: str, data_dir: str, image_size: int, download: bool) -> b
     return False
 
 
-def _build_cifar(name: str, data_dir: str, image_size: int, download: bool) -> Datasets:
+def _build_cifar(name: str, data_dir: str, image_size: int, download: bool,
+                 augment: str = "cifar") -> Datasets:
     cls, title, label_key, num_classes, mean, std = _CIFAR[name]
     if not _cifar_there(name, data_dir, image_size, download):
         _download_cifar(cls, title, data_dir)
     _check_cifar_files(cls, title, data_dir, label_key, num_classes)
+    mean, std = _stats(augment, mean, std)
+    train_tf, test_tf = transforms_for(augment, 32, mean, std)
     try:  # the files passed the safe unpickler above, so torchvision's pickle.load is safe
-        train = cls(data_dir, train=True, transform=train_transform(32, mean, std))
-        test = cls(data_dir, train=False, transform=eval_transform(32, mean, std))
+        train = cls(data_dir, train=True, transform=train_tf)
+        test = cls(data_dir, train=False, transform=test_tf)
     except (RuntimeError, ValueError, KeyError, OSError) as e:
         raise DataError(f"{title} in {data_dir} could not be read ({_one_line(e)}); delete "
                         f"{cls.base_folder}/ and download the dataset again") from None
     for split in (train, test):  # one contiguous copy, shared with the gpu loader's arrays
         split.data = np.ascontiguousarray(split.data)
-    return Datasets(name, train, test, num_classes, mean, std,
-                    _arrays(train.data, train.targets), _arrays(test.data, test.targets),
-                    tuple(train.classes))
+    return _in_memory(Datasets(name, train, test, num_classes, mean, std,
+                               _arrays(train.data, train.targets),
+                               _arrays(test.data, test.targets), tuple(train.classes)), augment)
+
+
+def _stats(augment: str, mean, std):
+    """The normalisation: ImageNet's with the ImageNet transforms, else the data set's."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if augment == "imagenet" else (mean, std)
+
+
+def _in_memory(ds: Datasets, augment: str) -> Datasets:
+    """``ds`` without its arrays unless ``augment`` is cifar: the gpu loader augments them the
+    CIFAR way only, so other transforms run in the torch loader."""
+    if augment != "cifar":
+        ds.train_arrays = ds.test_arrays = None
+    return ds
 
 
 def _arrays(images: np.ndarray, labels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,16 +384,16 @@ def _check_synthetic(image_size: int, n_train: int, n_test: int) -> None:
                         "--synthetic-test and --image-size >= 8")
 
 
-def _build_synthetic(image_size: int, n_train: int, n_test: int, seed: int) -> Datasets:
+def _build_synthetic(image_size: int, n_train: int, n_test: int, seed: int,
+                     augment: str = "cifar") -> Datasets:
     _check_synthetic(image_size, n_train, n_test)
     xtr, ytr = synthetic.make_synthetic(n_train, seed, image_size)
     xte, yte = synthetic.make_synthetic(n_test, seed + synthetic.TEST_SEED_OFFSET, image_size)
-    mean, std = synthetic.MEAN, synthetic.STD
-    return Datasets("synthetic",
-                    ArrayDataset(xtr, ytr, train_transform(image_size, mean, std)),
-                    ArrayDataset(xte, yte, eval_transform(image_size, mean, std)),
-                    synthetic.NUM_CLASSES, mean, std, _arrays(xtr, ytr), _arrays(xte, yte),
-                    synthetic.CLASSES)
+    mean, std = _stats(augment, synthetic.MEAN, synthetic.STD)
+    train_tf, test_tf = transforms_for(augment, image_size, mean, std)
+    return _in_memory(Datasets("synthetic", ArrayDataset(xtr, ytr, train_tf),
+                               ArrayDataset(xte, yte, test_tf), synthetic.NUM_CLASSES, mean, std,
+                               _arrays(xtr, ytr), _arrays(xte, yte), synthetic.CLASSES), augment)
 
 
 # --------------------------------------------------------------------------- image folder
@@ -461,13 +509,14 @@ def _is_file(entry: os.DirEntry) -> bool:
         return False
 
 
-def _image_split(root: Path, size: int, train: bool) -> torchvision.datasets.DatasetFolder:
+def _image_split(root: Path, size: int, train: bool,
+                 augment: str = "cifar") -> torchvision.datasets.DatasetFolder:
     """Image folder dataset over root/<class>/*; DataError if root, classes or images lack."""
     if not root.is_dir():
         raise DataError(f"image folder {root} not found; create {root}/<class>/<images> or "
                         "pass --data-dir")
-    tf = (train_transform if train else eval_transform)(size, IMAGENET_MEAN, IMAGENET_STD,
-                                                        resize=True)
+    tf = transforms_for(augment, size, IMAGENET_MEAN, IMAGENET_STD, resize=True)[0 if train
+                                                                                 else 1]
     try:
         ds = _ImageFolder(str(root), loader=_load_rgb, extensions=IMAGE_EXTENSIONS, transform=tf)
     except (FileNotFoundError, RuntimeError) as e:
@@ -491,11 +540,11 @@ def _imagefolder_classes(root: Path) -> int:
     return len([e for e in os.scandir(root / "train") if e.is_dir()])
 
 
-def _build_imagefolder(data_dir: str, image_size: int) -> Datasets:
+def _build_imagefolder(data_dir: str, image_size: int, augment: str = "cifar") -> Datasets:
     root = Path(data_dir)
     test_name = _test_split_name(root)
-    train = _image_split(root / "train", image_size, train=True)
-    test = _image_split(root / test_name, image_size, train=False)
+    train = _image_split(root / "train", image_size, train=True, augment=augment)
+    test = _image_split(root / test_name, image_size, train=False, augment=augment)
     if train.classes != test.classes:
         only = sorted(set(train.classes) ^ set(test.classes)) or ["(order)"]
         raise DataError(f"train/ and {test_name}/ in {root} have different class folders "

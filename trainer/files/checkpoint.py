@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config.archs import ARCHS, DEFAULT_ARCH, TORCHVISION, get_arch
+from trainer.config.archs import ARCHS, DEFAULT_ARCH, TORCHVISION, get_arch, user_arch_name
+from trainer.config.usercode import allowed, looks_like_user_name, refusal
 from trainer.errors import CheckpointError, UserError, cut, shown
 from trainer.files.atomic import atomic_path
 from trainer.files.safeload import safe_torch_load
@@ -118,7 +119,8 @@ def _shape_of(path, raw: Mapping, state: Mapping, name: str) -> tuple[Any, int]:
         if key not in state:
             raise CheckpointError(f"{path} has no {key}; it is not a {name} state_dict")
         num_classes = int(state[key].shape[0])
-    check_state_dict(state, name, widths, num_classes, source=str(path))
+    check_state_dict(state, name, widths, num_classes, source=str(path),
+                     input_size=trained_input_size(raw))
     return widths, num_classes
 
 
@@ -185,10 +187,16 @@ def _arch_of(path, raw: Mapping, state: Mapping, arch: str | None) -> str:
     name = own or arch or detect_arch(state) or DEFAULT_ARCH
     try:
         get_arch(name)
-    except UserError:  # an unknown name, said as a flag: say it is the file's
+    except UserError as exc:  # an unknown name, said as a flag: say it is the file's
+        if own is not None and looks_like_user_name(own):  # checked, never imported
+            why = str(exc).split("; ")[0]  # the problem, not the command line's fix
+            raise CheckpointError(f"{path}: the checkpoint's {why}; slimtune refuses the file "
+                                  "(edited, or not written by slimtune)") from None
         raise CheckpointError(f"{path} names the architecture {shown(name)}, which slimtune does "
                               f"not know; it slims {', '.join(ARCHS)} and {TORCHVISION}NAME"
                               ) from None
+    if user_arch_name(name) and not allowed(name):  # the user's code: only when named
+        raise CheckpointError(refusal(path, name))
     return name
 
 
@@ -251,13 +259,21 @@ def _check_types(path, raw: Mapping, state: Mapping) -> None:
 
 
 def check_state_dict(state: Mapping[str, torch.Tensor], arch: str, widths: Any,
-                     num_classes: int, source: str = "checkpoint") -> None:
-    """Raise CheckpointError if ``state`` does not fit ``arch`` at ``widths``."""
-    expected = _expected_shapes(arch, widths, num_classes, source, state)
+                     num_classes: int, source: str = "checkpoint",
+                     input_size: int | None = None) -> None:
+    """Raise CheckpointError if ``state`` does not fit ``arch`` at ``widths`` (a pruning
+    history is replayed at ``input_size`` px)."""
+    expected = _expected_shapes(arch, widths, num_classes, source, state, input_size)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
+    unpruned = widths == family(arch).default_widths(arch)
     for key, shape in expected.items():
         if key in state and tuple(state[key].shape) != shape:
+            if unpruned:  # e.g. a published state_dict: the first layer that differs
+                raise CheckpointError(f"{source}: {cut(key, 80)} has shape "
+                                      f"{cut(tuple(state[key].shape), 80)} but an unpruned "
+                                      f"{arch} has {cut(shape, 80)}; the file holds another "
+                                      "model's weights (is the architecture right?)")
             entry = family(arch).widths_entry(arch, widths, key)
             raise CheckpointError(f"{source}: {cut(key, 80)} has shape "
                                   f"{cut(tuple(state[key].shape), 80)} but the cfg "
@@ -274,15 +290,15 @@ def check_state_dict(state: Mapping[str, torch.Tensor], arch: str, widths: Any,
 
 
 def _expected_shapes(arch: str, widths: Any, num_classes: int, source: str,
-                     state: Mapping[str, torch.Tensor] | None = None
-                     ) -> dict[str, tuple[int, ...]]:
+                     state: Mapping[str, torch.Tensor] | None = None,
+                     input_size: int | None = None) -> dict[str, tuple[int, ...]]:
     fam = family(arch)
     try:
         try:
             with torch.device("meta"):  # shapes without weights: a file's claim costs nothing
-                model = fam.build(arch, num_classes, widths)
+                model = fam.build_at(arch, num_classes, widths, input_size)
         except NotImplementedError:  # a constructor that reads tensor values (RegNet's widths)
-            return _shapes_without_meta(fam, arch, widths, num_classes, state)
+            return _shapes_without_meta(fam, arch, widths, num_classes, state, input_size)
     except (ValueError, AttributeError, IndexError, RuntimeError, NotImplementedError) as exc:
         raise CheckpointError(f"{source}: its cfg does not rebuild a {arch} ({type(exc).__name__}"
                               f": {str(exc)[:120]}); the file was edited or damaged") from None
@@ -290,7 +306,8 @@ def _expected_shapes(arch: str, widths: Any, num_classes: int, source: str,
 
 
 def _shapes_without_meta(fam, arch: str, widths: Any, num_classes: int,
-                         state: Mapping[str, torch.Tensor] | None) -> dict[str, tuple[int, ...]]:
+                         state: Mapping[str, torch.Tensor] | None,
+                         input_size: int | None = None) -> dict[str, tuple[int, ...]]:
     """Shapes of a model whose constructor cannot run on the meta device: its unpruned form
     with empty weights first (a 644M-parameter RegNet costs nothing so); the real model is
     built only to replay a pruning history, and only for a file whose keys are the model's
@@ -302,12 +319,14 @@ def _shapes_without_meta(fam, arch: str, widths: Any, num_classes: int,
     shapes = {k: tuple(v.shape) for k, v in empty.state_dict().items()}
     if widths == fam.default_widths(arch) or (state is not None and set(state) != set(shapes)):
         return shapes  # unpruned: these are its shapes; other keys: check_state_dict says which
-    return {k: tuple(v.shape) for k, v in fam.build(arch, num_classes, widths).state_dict().items()}
+    model = fam.build_at(arch, num_classes, widths, input_size)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def build_model(ckpt: Mapping[str, Any]) -> nn.Module:
     """Rebuild the model a loaded checkpoint describes, with its weights."""
-    model = new_model(ckpt["arch"], int(ckpt["num_classes"]), ckpt["cfg"])
+    model = new_model(ckpt["arch"], int(ckpt["num_classes"]), ckpt["cfg"],
+                      trained_input_size(ckpt))  # a dependency graph is traced at it
     model.load_state_dict(ckpt["state_dict"])
     return model
 

@@ -351,3 +351,26 @@ def _criterion_lines(ax: plt.Axes, rows: Sequence[Mapping[str, Any]], key: str) 
                     yerr=None if None in stds else stds, ls=ls, marker=marker, capsize=3,
                     color=CRITERION_COLORS.get(criterion, "black"),
                     label=f"{criterion}, {allocation}")
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, title: str) -> Path:
+    """A sweep's points: test accuracy (%) after fine-tuning against params (M), and against
+    MACs (M) where known; one line per point (``point``) through its targets."""
+    keys = [k for k in ("params", "macs") if any(r.get(k) for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.6 * len(keys), 4.6), sharey=True,
+                             squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        series: dict[str, list[Mapping[str, Any]]] = {}
+        for r in rows:
+            if r.get(key) and r.get("best_acc") is not None:
+                series.setdefault(r["point"], []).append(r)
+        for point, pts in series.items():
+            pts = sorted(pts, key=lambda r: r[key])
+            ax.plot([r[key] / 1e6 for r in pts], [r["best_acc"] for r in pts], marker="o",
+                    label=point)
+        ax.set_xlabel(f"{'params' if key == 'params' else 'MACs'} (millions)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("best test accuracy after fine-tuning (%)")
+    axes[0][-1].legend(loc="best", fontsize=8)
+    fig.suptitle(title, fontsize=12)
+    return _save(fig, path)

@@ -123,14 +123,16 @@ def profile_model(model: nn.Module, input_size: int = 32, batch: int = 1) -> dic
     return {"params": int(params), "macs": macs, "flops": 2 * macs, "input_size": size}
 
 
-def profile_checkpoint(path: str | os.PathLike, input_size: int | None = None) -> dict[str, Any]:
+def profile_checkpoint(path: str | os.PathLike, input_size: int | None = None,
+                       arch: str | None = None) -> dict[str, Any]:
     """Profile the model a checkpoint file describes (see :func:`profile_model`), at
-    ``input_size`` (None: the size it was trained at, else 32).
+    ``input_size`` (None: the size it was trained at, else 32); ``arch``: that of a file naming
+    none (as ``--arch``).
 
     Adds ``name`` (file stem), ``path`` and, when the checkpoint records one, ``best_acc``
     (best test accuracy in %). Raises CheckpointError for unusable files.
     """
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, arch)
     size = check_input_size(trained_input_size(ckpt) if input_size is None else input_size)
     model = build_model(ckpt)
     out: dict[str, Any] = {"name": Path(path).stem, "path": str(path), "arch": ckpt["arch"]}

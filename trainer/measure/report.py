@@ -282,11 +282,15 @@ class StudyRow:
 
 
 def _pipeline_markdown(rows: Sequence[StudyRow]) -> list[str]:
-    """One row per prune -> fine-tune round."""
-    headers = ("target", "round", "prune ratio", "params (M)", "MACs (M)",
-               "test acc right after pruning (%)", "best test acc after fine-tuning (%)")
-    body = [[r.target, r.round, _ratio(r.ratio), _m(r.params), _m(r.macs), _pct(r.acc_after),
-             _pct(r.best_acc)] for r in rows]
+    """One row per prune -> fine-tune round (and its criterion and allocation, in a study of
+    several)."""
+    variants = len({(r.criterion, r.allocation) for r in rows}) > 1
+    headers = (*(("criterion", "allocation") if variants else ()), "target", "round",
+               "prune ratio", "params (M)", "MACs (M)", "test acc right after pruning (%)",
+               "best test acc after fine-tuning (%)")
+    body = [[*((r.criterion, r.allocation) if variants else ()), r.target, r.round,
+             _ratio(r.ratio), _m(r.params), _m(r.macs), _pct(r.acc_after), _pct(r.best_acc)]
+            for r in rows]
     return _md_table(headers, body)
 
 
@@ -371,3 +375,23 @@ def write_report(workdir: Path, *, title: str, rows: list[dict],
     path = workdir / REPORT
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
+
+
+def study_story(compared: Sequence[dict[str, Any]], rows: Sequence[StudyRow]) -> list[str]:
+    """What a study showed, in numbers (its closing lines): the unpruned model, then each
+    target's fine-tuned accuracy beside it with its share of the params and MACs.
+    ``compared``: :func:`compare_rows` of the baseline and ``rows``' checkpoints, in order."""
+    def acc(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1f}%"
+
+    base = compared[0]
+    lines = [f"what this study showed: the unpruned model reached {acc(base['best_acc'])} with "
+             f"{base['params'] / 1e6:.2f}M params and {base['macs'] / 1e6:.1f}M MACs"]
+    for c, r in zip(compared[1:], rows):
+        delta = "" if c["acc_delta"] is None else f", {c['acc_delta']:+.1f} points"
+        what = r.target if r.criterion == "bn" and r.allocation == "global" else \
+            f"{r.target} ({r.criterion}, {r.allocation})"
+        lines.append(f"  {what}: {acc(r.acc_after)} right after pruning, {acc(c['best_acc'])} "
+                     f"fine-tuned{delta}, with {100 - c['param_reduction_pct']:.0f}% of the "
+                     f"params and {100 - c['mac_reduction_pct']:.0f}% of the MACs")
+    return lines

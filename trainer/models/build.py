@@ -27,16 +27,19 @@ def family_named(name: str) -> Family:
     return importlib.import_module(f"trainer.models.{name}").FAMILY
 
 
-def new_model(arch: str, num_classes: int, widths: Any = None) -> nn.Module:
-    """``arch`` with ``num_classes`` outputs at ``widths`` (None: unpruned)."""
-    return family(arch).build(arch, num_classes, widths)
+def new_model(arch: str, num_classes: int, widths: Any = None,
+              input_size: int | None = None) -> nn.Module:
+    """``arch`` with ``num_classes`` outputs at ``widths`` (None: unpruned), for images of
+    ``input_size`` px a side (a dependency graph is traced at it; None: 32)."""
+    return family(arch).build_at(arch, num_classes, widths, input_size)
 
 
-def fresh_model(arch: str, num_classes: int, gamma: float, widths: Any = None) -> nn.Module:
+def fresh_model(arch: str, num_classes: int, gamma: float, widths: Any = None,
+                input_size: int | None = None) -> nn.Module:
     """The model ``train`` starts from without --init (seed the RNG first), at ``widths``
     (None: unpruned): every BatchNorm γ at ``gamma``, then what the family adds (the lab's
     ResNets: each block's last BN at 0)."""
-    model = new_model(arch, num_classes, widths)
+    model = new_model(arch, num_classes, widths, input_size)
     family(arch).init_gamma(model, gamma)
     return model
 
@@ -46,7 +49,8 @@ def fresh_like(model: nn.Module, gamma: float) -> nn.Module:
     :func:`fresh_model` initialises one: what ``train --scratch-from`` trains. Only the channel
     selections are ``model``'s: which channels each passes on is the architecture, not a
     weight."""
-    new = fresh_model(model.arch, model.num_classes, gamma, model.widths)
+    new = fresh_model(model.arch, model.num_classes, gamma, model.widths,
+                      getattr(model, "trace_size", None))
     for name, module in new.named_modules():
         if isinstance(module, ChannelSelection):
             module.load_state_dict(model.get_submodule(name).state_dict())

@@ -18,12 +18,14 @@ from torch import nn
 from trainer.config.archs import ARCHS
 from trainer.models.family import (
     ChannelSelection,
-    Family,
     Slicing,
+    WidthListFamily,
+    add_selected_head,
     check_int_widths,
     check_num_classes,
     filter_norms_of,
     he_init,
+    selected_head,
     selected_units,
     transfer,
 )
@@ -105,34 +107,19 @@ class DenseNet(nn.Module):
             if d < 3:  # compression 1: a transition keeps the width, halves the size
                 setattr(self, f"trans{d}", Transition(inplanes, inplanes, self.widths[pos]))
                 pos += 1
-        self.bn = nn.BatchNorm2d(inplanes)
-        self.select = ChannelSelection(inplanes)
-        self.relu = nn.ReLU(inplace=True)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)  # the official AvgPool2d(8) at 32x32 input
-        self.fc = nn.Linear(self.widths[-1], num_classes)
+        add_selected_head(self, inplanes, self.widths[-1], num_classes)
         he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.trans1(self.dense1(self.conv1(x)))
-        x = self.dense3(self.trans2(self.dense2(x)))
-        x = self.relu(self.select(self.bn(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return selected_head(self, self.dense3(self.trans2(self.dense2(x))))
 
 
 def _prefix(bn_name: str) -> str:
     return bn_name[:-len("bn1")] if bn_name.endswith("bn1") else ""
 
 
-class DenseNetFamily(Family):
-    def build(self, arch, num_classes, widths=None):
-        return DenseNet(num_classes, widths, arch)
-
-    def default_widths(self, arch):
-        return default_widths(arch)
-
-    def check_widths(self, arch, widths):
-        return validate_widths(widths, arch)
-
+class DenseNetFamily(WidthListFamily):
     def widths_from_state(self, arch, state):
         return [int((state[f"{_prefix(n)}select.indexes"] > 0).sum()) for n in bn_names(arch)]
 
@@ -164,4 +151,4 @@ class DenseNetFamily(Family):
                      and _spec(a)[0] == n), None)
 
 
-FAMILY = DenseNetFamily()
+FAMILY = DenseNetFamily(DenseNet, default_widths, validate_widths)

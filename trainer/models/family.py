@@ -35,6 +35,17 @@ class Family:
     def build(self, arch: str, num_classes: int, widths: Any = None) -> nn.Module:
         raise NotImplementedError
 
+    def build_at(self, arch: str, num_classes: int, widths: Any,
+                 input_size: int | None) -> nn.Module:
+        """:meth:`build` for inputs of ``input_size`` px a side (None: unknown). A family that
+        knows its layers by name builds the same model at any size; a dependency-graph family
+        traces the model at it."""
+        return self.build(arch, num_classes, widths)
+
+    def check_prunable(self, model: nn.Module) -> None:
+        """ConfigError, before a run trains ``model``, if this family cannot prune it (a graph
+        that cannot be traced); the families that know their layers by name always can."""
+
     def default_widths(self, arch: str) -> Any:
         raise NotImplementedError
 
@@ -50,6 +61,11 @@ class Family:
         """Every unit, scored by ``bn_score(bn)`` (one value per channel of the BatchNorm;
         None: |γ|) on its live channels."""
         raise NotImplementedError
+
+    def frozen(self, model: nn.Module, ignore: set[str]) -> set[str]:
+        """The units that pruning must leave whole so that the layers named in ``ignore`` keep
+        their shape (here: the units named there)."""
+        return {u for u in ignore if u in dict(batchnorms(model))}
 
     def filter_norms(self, model: nn.Module, p: int) -> list[torch.Tensor]:
         """Per unit (in :meth:`units` order), the p-norm of the filter that makes each live
@@ -82,8 +98,16 @@ class Family:
             return self.build(arch, num_classes, widths)
 
     def skeleton_of(self, model: nn.Module) -> nn.Module:
-        """:meth:`skeleton` of a built model."""
-        return self.skeleton(model.arch, model.num_classes, model.widths)
+        """:meth:`skeleton` of a built model, passing on what its channel selections pass (a
+        pruned ResNet-164 or DenseNet-40 keeps its BatchNorms whole: the widths alone build
+        selections that pass every channel, and the next conv then gets too many)."""
+        shape = self.skeleton(model.arch, model.num_classes, model.widths)
+        built = dict(model.named_modules())
+        for name, select in shape.named_modules():
+            if isinstance(select, ChannelSelection) and name in built:
+                select.keep = built[name].keep.to(select.indexes.device)
+                select.passes_all = built[name].passes_all
+        return shape
 
     def stage(self, arch: str, unit: str) -> str:
         """The stage a unit belongs to, for per-stage summaries (e.g. 'layer2')."""
@@ -265,6 +289,41 @@ class ChannelSelection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.passes_all else x.index_select(1, self.keep)
+
+
+def add_selected_head(model: nn.Module, channels: int, kept: int, num_classes: int) -> None:
+    """The end of the paper's pre-activation nets (ResNet-164, DenseNet-40): a last BatchNorm
+    of ``channels`` whose ``kept`` live ones a selection hands, pooled, to the classifier.
+    Attributes on ``model`` itself: the official files name them bn, select and fc."""
+    model.bn = nn.BatchNorm2d(channels)
+    model.select = ChannelSelection(channels)
+    model.relu = nn.ReLU(inplace=True)
+    model.avgpool = nn.AdaptiveAvgPool2d(1)  # the official AvgPool2d(8) at 32x32 input
+    model.fc = nn.Linear(kept, num_classes)
+
+
+def selected_head(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward of :func:`add_selected_head`'s layers."""
+    x = model.relu(model.select(model.bn(x)))
+    return model.fc(torch.flatten(model.avgpool(x), 1))
+
+
+class WidthListFamily(Family):
+    """A family of nets built as ``net(num_classes, widths, arch)`` from a flat list of widths,
+    with its module's ``default_widths(arch)`` and ``validate_widths(widths, arch)``."""
+
+    def __init__(self, net: Callable[..., nn.Module], defaults: Callable[[str], list[int]],
+                 validate: Callable[[Any, str], list[int]]) -> None:
+        self.net, self.defaults, self.validate = net, defaults, validate
+
+    def build(self, arch, num_classes, widths=None):
+        return self.net(num_classes, widths, arch)
+
+    def default_widths(self, arch):
+        return self.defaults(arch)
+
+    def check_widths(self, arch, widths):
+        return self.validate(widths, arch)
 
 
 def he_init(model: nn.Module) -> None:

@@ -24,7 +24,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, cut
 from trainer.models.family import (
     Family,
     Unit,
@@ -34,21 +34,34 @@ from trainer.models.family import (
     check_num_classes,
 )
 
-TRACE_SIZE = 32  # the input side the dependency graph traces the model at (CIFAR)
+TRACE_SIZE = 32  # px: the input side of a model built without one (CIFAR)
+
+
+def trace_size(model: nn.Module) -> int:
+    """The input side (px) ``model``'s graph is traced at: the run's image size, which the
+    model carries from :meth:`GraphFamily.build_at` (else TRACE_SIZE)."""
+    return getattr(model, "trace_size", None) or TRACE_SIZE
 
 
 def graph(model: nn.Module):
-    """Torch-Pruning's dependency graph of ``model``, traced at TRACE_SIZE."""
-    example = torch.zeros(1, 3, TRACE_SIZE, TRACE_SIZE)
+    """Torch-Pruning's dependency graph of ``model``, traced on its ``example_inputs`` (set by
+    the Python API's ``prune(..., example_inputs=)``), else on zeros of its trace size."""
+    example, size = getattr(model, "example_inputs", None), trace_size(model)
+    where = "on its example_inputs" if example is not None else f"at {size}x{size}"
+    if example is None:
+        example = torch.zeros(1, 3, size, size)
+    else:  # on the model's device (a copy of the model may be on the meta device)
+        example = example.to(next(model.parameters()).device)
     was_training = model.training
     try:
         with torch.enable_grad():  # the graph is traced through autograd: not under no_grad
             return tp.DependencyGraph().build_dependency(model.eval(), example_inputs=example,
                                                          verbose=False)
     except Exception as exc:  # noqa: BLE001 -- any tracing failure is the model's shape
-        raise ConfigError(f"{model.arch}: Torch-Pruning cannot trace it at "
-                          f"{TRACE_SIZE}x{TRACE_SIZE} ({type(exc).__name__}: {exc}); choose a "
-                          "torchvision CNN that runs at CIFAR size") from None
+        raise ConfigError(f"{model.arch}: Torch-Pruning cannot trace it {where} "
+                          f"({type(exc).__name__}: {cut(exc, 160)}); network slimming needs "
+                          "its dependency graph: choose another CNN (or a larger image size, "
+                          "if it only runs at one)") from None
     finally:
         model.train(was_training)
 
@@ -74,9 +87,57 @@ def _groups(model: nn.Module, dg) -> list[tuple[str, object]]:
     out = []
     for group in dg.get_all_groups(ignored_layers=last, root_module_types=(nn.Conv2d,
                                                                            nn.Linear)):
-        if any(_bn_items(dg, group)):
-            out.append((names[group[0].dep.target.module], group))
+        if any(_bn_items(dg, group)) and not _left_whole(group):
+            group = _rerooted(dg, group)
+            if group is not None:  # else its BatchNorms are left whole (see _ungrouped)
+                out.append((names[group[0].dep.target.module], group))
     return out
+
+
+def _left_whole(group) -> bool:
+    """Whether ``group`` goes through a grouped, not depthwise, conv (ResNeXt, RegNet: its
+    channels could only go the same in every conv group, which one global threshold does not
+    keep) or a split into stored sizes (MixNet's mixed convs, Res2Net: the module splits by
+    its own list, which pruning does not change); such a group is left whole."""
+    for item in group:
+        module = item.dep.target.module
+        if isinstance(module, nn.Conv2d) and 1 < module.groups != module.in_channels:
+            return True
+        if item.dep.target.type in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND):
+            return True
+    return False
+
+
+def _consistent(dg, group) -> bool:
+    """Whether each root channel of ``group`` reaches a BatchNorm and is one channel: pruning
+    the root's first or last channel prunes that channel of the root alone."""
+    root, channels = group[0].dep.target.module, len(group[0].idxs)
+    reached = {r for _, _, rs in _bn_items(dg, group) for r in rs}
+    if len(reached) != channels:
+        return False
+    prune_out = dg.get_pruner_of_module(root).prune_out_channels
+    return all(len(set(dg.get_pruning_group(root, prune_out, [i])[0].idxs)) == 1
+               for i in {0, channels - 1})
+
+
+def _rerooted(dg, group):
+    """``group``, or the same channels rooted at another conv of it whose root channels are
+    :func:`_consistent` (None if none is). A concatenation of a tensor and a function of it
+    (GhostNet's cat([x, dwconv(x)])) couples channel i with i + C; rooted at a layer that sees
+    both halves (an SE gate's conv, a residual stream), Torch-Pruning maps 2C root channels
+    onto C, and pruning one removes its twin. Rooted at the conv that makes x, each root channel
+    is one such pair."""
+    if _consistent(dg, group):
+        return group
+    for item in group:
+        module = item.dep.target.module
+        if (isinstance(module, nn.Conv2d) and module is not group[0].dep.target.module
+                and dg.is_out_channel_pruning_fn(item.dep.handler)):
+            other = dg.get_pruning_group(module, dg.get_pruner_of_module(module)
+                                         .prune_out_channels, list(range(module.out_channels)))
+            if _consistent(dg, other):
+                return other
+    return None
 
 
 def _bn_items(dg, group):
@@ -110,13 +171,22 @@ class GraphFamily(Family):
         raise NotImplementedError
 
     def build(self, arch, num_classes, widths=None):
+        return self.build_at(arch, num_classes, widths, None)
+
+    def build_at(self, arch, num_classes, widths, input_size):
+        """The model of :meth:`build`, its graph traced at ``input_size`` px (None:
+        TRACE_SIZE): the size the run feeds it."""
         model = self.unpruned(arch, check_num_classes(num_classes))
         model.arch, model.num_classes, model.widths = arch, num_classes, check_history(widths)
+        model.trace_size = input_size or TRACE_SIZE
         if model.widths:
             dg = graph(model)
             with torch.enable_grad():  # the replayed groups re-trace: not under no_grad
                 dg.load_pruning_history(copy.deepcopy(model.widths))
         return model
+
+    def check_prunable(self, model):
+        self.units(model)  # traces the graph and finds its groups, as pruning will
 
     def default_widths(self, arch):
         return []
@@ -133,6 +203,14 @@ class GraphFamily(Family):
         units = [Unit(name, _importance(dg, g, len(g[0].idxs), score), True)
                  for name, g in groups]
         return units + [Unit(name, score(bn), False) for name, bn in _ungrouped(model, dg, groups)]
+
+    def frozen(self, model, ignore):
+        """The groups that change the shape of a layer in ``ignore`` (names): left whole."""
+        if not ignore:
+            return set()
+        layers = {model.get_submodule(name) for name in ignore}
+        return {name for name, group in _groups(model, graph(model))
+                if any(item.dep.target.module in layers for item in group)}
 
     def filter_norms(self, model, p):
         """A group's: its root layer's output filters, by Torch-Pruning's magnitude importance

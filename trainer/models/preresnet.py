@@ -19,12 +19,14 @@ from torch import nn
 from trainer.config.archs import ARCHS
 from trainer.models.family import (
     ChannelSelection,
-    Family,
     Slicing,
+    WidthListFamily,
+    add_selected_head,
     check_int_widths,
     check_num_classes,
     filter_norms_of,
     he_init,
+    selected_head,
     selected_units,
     transfer,
 )
@@ -104,17 +106,11 @@ class PreResNet(nn.Module):
                                          stride if b == 0 else 1, downsample))
                 inplanes = planes * EXPANSION
             setattr(self, f"layer{stage}", nn.Sequential(*layers))
-        self.bn = nn.BatchNorm2d(inplanes)
-        self.select = ChannelSelection(inplanes)
-        self.relu = nn.ReLU(inplace=True)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)  # the official AvgPool2d(8) at 32x32 input
-        self.fc = nn.Linear(self.widths[-1], num_classes)
+        add_selected_head(self, inplanes, self.widths[-1], num_classes)
         he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
-        x = self.relu(self.select(self.bn(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return selected_head(self, self.layer3(self.layer2(self.layer1(self.conv1(x)))))
 
 
 def _select_name(bn_name: str) -> str | None:
@@ -124,16 +120,7 @@ def _select_name(bn_name: str) -> str | None:
     return bn_name[:-len("bn1")] + "select" if bn_name.endswith(".bn1") else None
 
 
-class PreResNetFamily(Family):
-    def build(self, arch, num_classes, widths=None):
-        return PreResNet(num_classes, widths, arch)
-
-    def default_widths(self, arch):
-        return default_widths(arch)
-
-    def check_widths(self, arch, widths):
-        return validate_widths(widths, arch)
-
+class PreResNetFamily(WidthListFamily):
     def widths_from_state(self, arch, state):
         """bn1 and the final BN: the channels their selection passes on; bn2, bn3: width."""
         return [int((state[f"{_select_name(n)}.indexes"] > 0).sum()) if _select_name(n)
@@ -178,4 +165,4 @@ class PreResNetFamily(Family):
                      and _blocks(a) == blocks), None)
 
 
-FAMILY = PreResNetFamily()
+FAMILY = PreResNetFamily(PreResNet, default_widths, validate_widths)

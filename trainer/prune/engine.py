@@ -23,7 +23,7 @@ the smallest ratio k/C (some unit's step) whose model fits, by bisection the sam
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import thop
@@ -50,10 +50,13 @@ class PruneResult:
 
 
 def units_of(model: nn.Module, criterion: str = "bn", *, seed: int = 0,
-             batches: Iterable | None = None) -> list[Unit]:
+             batches: Iterable | None = None, ignore: Collection[str] = ()) -> list[Unit]:
     """Every unit of ``model`` with its channels' scores: |γ|, or ``criterion``'s
-    (trainer.prune.criteria.score_units)."""
-    return score_units(model, criterion, seed=seed, batches=batches)
+    (trainer.prune.criteria.score_units); the units that would change a layer named in
+    ``ignore`` are not prunable."""
+    units = score_units(model, criterion, seed=seed, batches=batches)
+    frozen = family(unwrap_model(model).arch).frozen(unwrap_model(model), set(ignore))
+    return [u._replace(prunable=False) if u.name in frozen else u for u in units]
 
 
 def _in_scope(units: list[Unit], scope: str) -> torch.Tensor:
@@ -153,14 +156,14 @@ def apply_masks(model: nn.Module, masks: list[torch.Tensor]) -> nn.Module:
 
 def prune(model: nn.Module, ratio: float, *, scope: str = "all", min_channels: int = 1,
           round_to: int = 1, criterion: str = "bn", allocation: str = "global", seed: int = 0,
-          batches: Iterable | None = None) -> PruneResult:
+          batches: Iterable | None = None, ignore: Collection[str] = ()) -> PruneResult:
     """Prune ``model`` at ``ratio``: one global threshold on the ``criterion``'s scores (bn:
     |γ|), or with ``allocation="uniform"`` ⌊ratio·C⌋ channels of every prunable unit.
     ``seed``: the random criterion's; ``batches``: (images, labels) the taylor criterion
-    scores on (trainer.prune.criteria)."""
+    scores on (trainer.prune.criteria); ``ignore``: layers to leave whole (:func:`units_of`)."""
     _check_choices(min_channels, round_to, criterion, allocation, scope)
     check_ratio(ratio)
-    units = units_of(model, criterion, seed=seed, batches=batches)
+    units = units_of(model, criterion, seed=seed, batches=batches, ignore=ignore)
     if allocation == "uniform":
         result = _pruned(model, units, *uniform_masks(units, ratio, min_channels, round_to),
                          None, scope, min_channels, round_to)
@@ -223,14 +226,15 @@ def model_size(model: nn.Module, kind: str, input_size: int = 32) -> int:
 def prune_to_budget(model: nn.Module, target: int, kind: str = "params", *, scope: str = "all",
                     min_channels: int = 1, round_to: int = 1, input_size: int = 32,
                     criterion: str = "bn", allocation: str = "global", seed: int = 0,
-                    batches: Iterable | None = None) -> PruneResult:
+                    batches: Iterable | None = None, ignore: Collection[str] = ()
+                    ) -> PruneResult:
     """The least-pruned model with at most ``target`` params (or MACs): the smallest threshold
     whose pruned model meets it (ties: a threshold removes every channel equal to it, so the
     candidates are the distinct scores; --min-channels and --round-to are applied to each
     candidate, as they will be to the result). With ``allocation="uniform"``: the smallest
     uniform ratio that meets it (the candidates: k/C for every prunable unit's C, the ratios
     where some unit loses one more channel). ``criterion``, ``seed``, ``batches``: as
-    :func:`prune`."""
+    :func:`prune`; ``ignore``: as :func:`units_of`."""
     _check_choices(min_channels, round_to, criterion, allocation, scope)
     bare = unwrap_model(model)
     before = model_size(copy_to_meta(bare), kind, input_size)
@@ -239,7 +243,8 @@ def prune_to_budget(model: nn.Module, target: int, kind: str = "params", *, scop
     if before <= target:
         raise ParamError(f"{flag}: the unpruned model already has {before:,} {kind}; nothing "
                          "to prune: give a smaller budget", param)
-    units, fam = units_of(bare, criterion, seed=seed, batches=batches), family(bare.arch)
+    units = units_of(bare, criterion, seed=seed, batches=batches, ignore=ignore)
+    fam = family(bare.arch)
     if allocation == "uniform":
         steps = uniform_steps(units)
 

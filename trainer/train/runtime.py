@@ -17,11 +17,26 @@ from torch import nn
 
 from trainer.config.checks import check_batch_split
 from trainer.config.settings import RunConfig
+from trainer.config.threads import Threads, choose_threads
 from trainer.data.datasets import build_datasets
 from trainer.data.loaders import make_test_loader, make_train_loader
 from trainer.errors import ConfigError
 from trainer.train import dist
 from trainer.train.progress import say
+
+
+def use_threads(run: RunConfig) -> Threads:
+    """Set this process's torch threads (trainer.config.threads: --threads, OMP_NUM_THREADS, or
+    the cores free at start) before any tensor work, and return the choice for the header."""
+    return threads_for(run.threads)
+
+
+def threads_for(given: int | None) -> Threads:
+    """Set torch's intra-op threads to ``given`` or this machine's choice; return the choice."""
+    choice = choose_threads(given=given)
+    if torch.get_num_threads() != choice.count:
+        torch.set_num_threads(choice.count)
+    return choice
 
 
 def make_accelerator(run: RunConfig):
@@ -89,7 +104,8 @@ def per_process_batch(run: RunConfig) -> int:
 def load_data(run: RunConfig):
     data = build_datasets(run.dataset, run.data_dir, image_size=run.image_size,
                           download=run.download, synthetic_train=run.synthetic_train,
-                          synthetic_test=run.synthetic_test, seed=run.seed)
+                          synthetic_test=run.synthetic_test, seed=run.seed,
+                          augment=run.augment)
     for note in data.notes:
         say(f"[yellow]note:[/] {escape(note)}")
     return data
