@@ -136,9 +136,9 @@ def test_the_notebook_on_a_model_of_ones_own(nets, tmp_path):
         slimtune.load(path, factory=nets.make_net)  # another factory than the file's
 
 
-@pytest.mark.slow  # six commands, each twice (~7 s)
+@pytest.mark.slow  # seven commands, each twice (~8 s)
 def test_the_same_file_through_the_command_line(nets, tmp_path):
-    """info, profile, evaluate, finetune, export and prune read the saved file with --arch
+    """info, profile, compare, evaluate, finetune, export and prune read the saved file with --arch
     naming its factory (imported because the user typed it), and refuse it without; the CLI's
     prune gives the same widths as the API's."""
     torch.manual_seed(0)
@@ -151,6 +151,7 @@ def test_the_same_file_through_the_command_line(nets, tmp_path):
     runs = {
         "info": ["info", "p.pth", "--json"],
         "profile": ["profile", "p.pth", "--json"],
+        "compare": ["compare", "net.pth", "p.pth", "--output", "c.png", "--json"],
         "evaluate": ["evaluate", "p.pth", "--json", *data],
         "finetune": ["finetune", "--checkpoint", "p.pth", "--epochs", "1", *data],
         "export": ["export", "p.pth", "--format", "torchscript", "--output", "p.ts"],

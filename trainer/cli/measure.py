@@ -177,6 +177,7 @@ def _compare_labels(checkpoints: list[Path], baseline: Path | None, output: Path
     return names
 
 
+@names_user_model
 def compare_command(
     checkpoints: Annotated[list[Path], typer.Argument(
         help="Checkpoint files (.pth or .safetensors) to compare.", show_default=False)],
@@ -203,6 +204,7 @@ def compare_command(
     warmup: Warmup = 5,
     runtime: Runtime = "torch",
     threads: ThreadsOption = None,
+    arch: ArchOption = None,
 ) -> None:
     """Compare checkpoints with a baseline: params, MACs, accuracy and a figure.
 
@@ -220,7 +222,7 @@ def compare_command(
     opts = latency_options(device, False, batch_sizes, warmup, repeats, runtime) if latency \
         else None
     rows = compare_rows([str(p) for p in checkpoints], names,
-                        None if baseline is None else str(baseline), input_size)
+                        None if baseline is None else str(baseline), input_size, arch)
     if opts is not None:
         add_latency(rows, device=opts.device, batches=opts.batches, warmup=opts.warmup,
                     repeats=opts.repeats, runtime=opts.runtime)

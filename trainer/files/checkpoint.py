@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config.archs import ARCHS, DEFAULT_ARCH, TORCHVISION, get_arch, user_arch_name
-from trainer.config.usercode import allowed, looks_like_user_name, refusal
+from trainer.config.archs import ARCHS, DEFAULT_ARCH, PREFIXES, get_arch, user_arch_name
+from trainer.config.usercode import HOW, allowed, looks_like_user_name, refusal
 from trainer.errors import CheckpointError, UserError, cut, shown
 from trainer.files.atomic import atomic_path
 from trainer.files.safeload import safe_torch_load
@@ -192,9 +192,10 @@ def _arch_of(path, raw: Mapping, state: Mapping, arch: str | None) -> str:
             why = str(exc).split("; ")[0]  # the problem, not the command line's fix
             raise CheckpointError(f"{path}: the checkpoint's {why}; slimtune refuses the file "
                                   "(edited, or not written by slimtune)") from None
+        known = [*ARCHS, *(f"{prefix}NAME" for prefix in PREFIXES)]
         raise CheckpointError(f"{path} names the architecture {shown(name)}, which slimtune does "
-                              f"not know; it slims {', '.join(ARCHS)} and {TORCHVISION}NAME"
-                              ) from None
+                              f"not know; it slims {', '.join(known)} and your own models "
+                              f"({HOW}, named on the command line)") from None
     if user_arch_name(name) and not allowed(name):  # the user's code: only when named
         raise CheckpointError(refusal(path, name))
     return name

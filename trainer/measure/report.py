@@ -58,10 +58,11 @@ def _reduction(value: float, base: float) -> float | None:
 
 
 def compare_rows(paths: list[str], labels: list[str] | None = None, baseline: str | None = None,
-                 input_size: int | None = None) -> list[dict[str, Any]]:
+                 input_size: int | None = None, arch: str | None = None) -> list[dict[str, Any]]:
     """Profile checkpoints and compare each with the baseline (given, else the first), all at
     ``input_size`` (None: the size the baseline was trained at, else 32).
 
+    ``arch``: that of files naming none, or the user model (module:factory) files hold.
     Returns one dict per checkpoint, baseline first with ``baseline=True``: label, path,
     params, macs, flops, input_size, best_acc (or None), param_reduction_pct,
     mac_reduction_pct (% smaller than the baseline) and acc_delta (points, or None).
@@ -69,7 +70,7 @@ def compare_rows(paths: list[str], labels: list[str] | None = None, baseline: st
     size = None if input_size is None else check_input_size(input_size)
     rows = []
     for i, (path, label) in enumerate(_order(paths, labels, baseline)):
-        info = profile_checkpoint(path, size)
+        info = profile_checkpoint(path, size, arch)
         size = info["input_size"]  # the baseline's, for every other row
         rows.append({"label": label, "path": path, "arch": info["arch"], "params": info["params"],
                      "macs": info["macs"], "flops": info["flops"], "input_size": size,
