@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from trainer.config.settings import MIXED_PRECISIONS, MODES, RunConfig, worker_fields
+from trainer.config.derived import worker_fields
+from trainer.config.settings import MIXED_PRECISIONS, MODES, RunConfig
 from trainer.config.threads import choose_threads
 from trainer.errors import ConfigError, shown
 from trainer.files.atomic import atomic_write_text

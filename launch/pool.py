@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -34,60 +32,30 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from launch.supervise import STOP_WAIT_S, _end_with_launcher
+from launch.jobs import (
+    DONE,
+    ENDED_OK,
+    FAILED,
+    NOT_STARTED,
+    QUEUED,
+    REUSED,
+    RUNNING,
+    SKIPPED,
+    STOPPED,
+    Job,
+    Status,
+    eta,
+    hms,
+    read_lines,
+    read_progress,
+    tail,
+)
+from launch.supervise import STOP_WAIT_S, end_with_launcher, killpg
 from trainer.files.atomic import atomic_write_text
 
 POLL_S = 0.25  # how often the pool looks at its jobs
 TAIL_LINES = 8  # lines of a failed job's log in the summary
 RECORD = "jobs.json"
-
-QUEUED, RUNNING, DONE, REUSED = "queued", "running", "done", "done earlier"
-FAILED, STOPPED, SKIPPED, NOT_STARTED = "failed", "stopped", "skipped", "not started"
-ENDED_OK = (DONE, REUSED)
-
-
-@dataclass
-class Job:
-    """One process of a study: its command, log file and what it needs."""
-
-    name: str
-    argv: list[str]
-    log: Path
-    gpus: int = 1  # GPUs it takes on a GPU pool (a CPU job takes one slot)
-    deps: tuple[str, ...] = ()  # jobs that must end first
-    after_any: bool = False  # starts once they ended, even if one failed (else skipped)
-    epochs: int = 0  # epochs it trains (its ETA)
-    outputs: tuple[Path, ...] = ()  # its files (--resume skips a job whose files are unchanged)
-    port: bool = False  # several processes: a rendezvous port of its own
-    threads: int | None = None  # its OMP_NUM_THREADS (None: the pool's)
-
-
-@dataclass
-class Status:
-    """What the pool knows of a job while it runs and after."""
-
-    state: str = QUEUED
-    gpus: list[str] = field(default_factory=list)
-    port: int | None = None
-    start: float | None = None
-    end: float | None = None
-    code: int | None = None
-    note: str = ""
-    stage: str = ""
-    epoch: str = ""
-    acc: float | None = None
-    epochs_done: int = 0
-    epoch_s: list[float] = field(default_factory=list)
-    mark: float = 0.0  # when the last stage header or epoch line came
-    proc: subprocess.Popen | None = None
-    offset: int = 0  # of the log, read so far
-    partial: str = ""
-    outputs: dict[str, int] = field(default_factory=dict)  # path -> mtime_ns when it ended
-
-
-STAGE = re.compile(r"^== (?:\d+\. )?(.+?)\s*$")
-EPOCH = re.compile(r"^epoch (\d+)/(\d+)\s.*?test loss \S+ acc ([\d.]+)%")
-
 
 class Pool:
     """Runs ``jobs`` (in an order where each comes after the jobs it needs).
@@ -222,7 +190,7 @@ class Pool:
                 st.proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, env=env,
                                            start_new_session=True,
-                                           preexec_fn=_end_with_launcher())
+                                           preexec_fn=end_with_launcher())
         except OSError as exc:
             self._release(st)
             st.state, st.code, st.end = FAILED, 127, time.time()
@@ -230,7 +198,7 @@ class Pool:
             self._say(f"{job.name}: {st.note}")
             return
         if self.stopping is not None:  # a signal came while it started
-            _killpg(st.proc.pid, self.stopping)
+            killpg(st.proc.pid, self.stopping)
         where = f"GPUs {','.join(st.gpus)}" if self.free is not None else (
             f"{threads} CPU thread{'s' if threads > 1 else ''}" if threads else "the CPU")
         port = f", port {st.port}" if st.port else ""
@@ -247,7 +215,7 @@ class Pool:
             st.outputs = _mtimes(job.outputs)
         else:
             st.state = STOPPED if self.stopping is not None else FAILED
-        took = _hms(st.end - (st.start or st.end))
+        took = hms(st.end - (st.start or st.end))
         what = {DONE: "done", STOPPED: f"stopped (exit code {st.code})",
                 FAILED: f"FAILED (exit code {st.code})"}[st.state]
         self._say(f"{job.name}: {what} after {took}")
@@ -284,52 +252,20 @@ class Pool:
         for job in self.jobs:
             st = self.status[job.name]
             if st.state == RUNNING and st.proc is not None:
-                _killpg(st.proc.pid, signum)
+                killpg(st.proc.pid, signum)
 
     # ---------------------------------------------------------------- progress
 
     def _read_progress(self) -> None:
+        """Take in what each running job's log says; one line per epoch without a terminal."""
         for job in self.jobs:
             st = self.status[job.name]
             if st.state != RUNNING:
                 continue
-            try:
-                with open(job.log, encoding="utf-8", errors="replace") as fh:
-                    fh.seek(st.offset)
-                    text = fh.read()
-                    st.offset = fh.tell()
-            except OSError:
-                continue
-            lines = (st.partial + text).split("\n")
-            st.partial = lines.pop()
-            for line in lines:
-                self._parse(job, st, line.split("\r")[-1])
-
-    def _parse(self, job: Job, st: Status, line: str) -> None:
-        now = time.time()
-        stage = STAGE.match(line)
-        if stage:
-            st.stage, st.epoch, st.mark = stage.group(1), "", now
-            return
-        epoch = EPOCH.match(line)
-        if not epoch:
-            return
-        st.epoch = f"{epoch.group(1)}/{epoch.group(2)}"
-        st.acc = float(epoch.group(3))
-        st.epochs_done += 1
-        st.epoch_s.append(now - st.mark)
-        st.mark = now
-        if not self.live:
-            self._say(f"{job.name}: {st.stage or 'training'}: epoch {st.epoch}, test acc "
-                      f"{st.acc:.2f}%, ETA {self._eta(job, st)}")
-
-    def _eta(self, job: Job, st: Status) -> str:
-        if st.state != RUNNING:
-            return ""
-        if not st.epoch_s:
-            return "?"
-        left = max(job.epochs - st.epochs_done, 0)
-        return _hms(left * sum(st.epoch_s) / len(st.epoch_s))
+            for line in read_lines(job.log, st):
+                if read_progress(st, line) and not self.live:
+                    self._say(f"{job.name}: {st.stage or 'training'}: epoch {st.epoch}, test "
+                              f"acc {st.acc:.2f}%, ETA {eta(job, st)}")
 
     def table(self) -> Table:
         """The live table: a row per job."""
@@ -343,14 +279,14 @@ class Pool:
             st = self.status[job.name]
             where = ",".join(st.gpus) if self.free is not None else (
                 str(job.threads or self.threads or "") if st.state == RUNNING else "")
-            took = _hms((st.end or now) - st.start) if st.start else ""
+            took = hms((st.end or now) - st.start) if st.start else ""
             state = st.state + (f" ({st.note})" if st.note else "")
             color = {DONE: "green", REUSED: "green", FAILED: "red", RUNNING: "cyan"}.get(
                 st.state, "")
             table.add_row(escape(job.name), f"[{color}]{escape(state)}[/]" if color else state,
                           where, escape(st.stage), st.epoch,
                           "" if st.acc is None else f"{st.acc:.2f}%", took,
-                          self._eta(job, st))
+                          eta(job, st))
         return table
 
     def _say(self, text: str) -> None:
@@ -404,7 +340,7 @@ class Pool:
             st = self.status[job.name]
             print(f"error: job {job.name} failed ({st.note or f'exit code {st.code}'}); the last "
                   f"lines of its log {job.log}:", file=sys.stderr)
-            for line in _tail(job.log, TAIL_LINES):
+            for line in tail(job.log, TAIL_LINES):
                 print(f"    {line}", file=sys.stderr)
         if self.stopping is not None:
             stopped = [j.name for j in self.jobs if self.status[j.name].state == STOPPED]
@@ -441,26 +377,5 @@ def _mtimes(paths: Iterable[Path]) -> dict[str, int]:
     return out
 
 
-def _tail(path: Path, n: int) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ["(no log)"]
-    lines = [ln.split("\r")[-1].rstrip() for ln in text.splitlines()]
-    return [ln for ln in lines if ln.strip()][-n:] or ["(empty log)"]
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(round(max(seconds, 0)))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 def _gpu_order(gpu: str) -> tuple[int, str]:
     return (int(gpu), "") if gpu.isdigit() else (1 << 30, gpu)
-
-
-def _killpg(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -16,7 +16,7 @@ import os
 import shlex
 from pathlib import Path
 
-from launch.pool import Job
+from launch.jobs import Job
 from trainer.config.settings import RunConfig
 from trainer.errors import ConfigError
 from trainer.files.atomic import atomic_write_text, refuse_replacing_checkpoint, refuse_special

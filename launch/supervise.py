@@ -209,19 +209,19 @@ def _run_forwarding_signals(argv: list[str], env: dict[str, str]
         state["signum"] = signum
         state["interrupts"] += signum == signal.SIGINT
         if state["proc"] is not None:
-            _killpg(state["proc"].pid, signum)
+            killpg(state["proc"].pid, signum)
 
     main = threading.current_thread() is threading.main_thread()
     sigs = (signal.SIGINT, signal.SIGTERM)
     old = {s: signal.signal(s, forward) for s in sigs} if main else {}
     try:
         state["proc"] = proc = subprocess.Popen(
-            argv, env=env, start_new_session=True, preexec_fn=_end_with_launcher(),
+            argv, env=env, start_new_session=True, preexec_fn=end_with_launcher(),
             stderr=subprocess.PIPE)
         # newline="": a progress bar's \r stays in its line
         relay = _StderrRelay(io.TextIOWrapper(proc.stderr, errors="replace", newline=""))
         if state["signum"] is not None:  # arrived while starting
-            _killpg(proc.pid, state["signum"])
+            killpg(proc.pid, state["signum"])
         code = proc.wait()
         if state["signum"] is not None:
             _wait_group_gone(proc.pid)
@@ -232,7 +232,7 @@ def _run_forwarding_signals(argv: list[str], env: dict[str, str]
     return (128 - code if code < 0 else code), state["signum"], relay, hard
 
 
-def _end_with_launcher():
+def end_with_launcher():
     """A ``preexec_fn`` that has Linux send SIGTERM to the job when the launcher dies.
 
     The job runs in its own session, so without it a launcher killed by SIGKILL (or the
@@ -254,7 +254,7 @@ def _end_with_launcher():
     return hook
 
 
-def _killpg(pgid: int, signum: int) -> None:
+def killpg(pgid: int, signum: int) -> None:
     try:
         os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):

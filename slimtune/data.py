@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from trainer.data.datasets import Datasets, build_datasets
+from trainer.data.common import Datasets
+from trainer.data.datasets import build_datasets
 
 
 def dataset(name: str = "synthetic", data_dir: str = "data", *, image_size: int = 32,

@@ -12,7 +12,7 @@ from torch import nn
 
 from slimtune.measure import as_loader, evaluate, model_device
 from trainer.errors import ParamError
-from trainer.train.loop import add_sparsity_grad, kd_loss, lr_milestones, set_lr
+from trainer.train.loop import add_sparsity_grad, decayed, kd_loss, set_lr
 
 
 def _positive(param: str, value: Any, kind: type = int) -> None:
@@ -52,7 +52,7 @@ def finetune(model: nn.Module, train_data: Any, test_data: Any = None, *, epochs
                                                        "test_loss", "test_acc")}
     best, best_state = -1.0, None
     for epoch in range(epochs):
-        rate = lr * 0.1 ** sum(1 for m in lr_milestones(epochs) if epoch >= m)
+        rate = decayed(lr, epochs, epoch)
         set_lr(optimizer, rate)
         train_loss = _epoch(model, loader, optimizer, dev, teacher, kd_alpha, kd_temperature,
                             sparsity)

@@ -13,12 +13,8 @@ from torchvision import transforms as T
 
 from tests.fakedata import write_imagefolder
 from tests.helpers import FAST, run_cli
-from trainer.data.datasets import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    augment_of,
-    build_datasets,
-)
+from trainer.data.common import IMAGENET_MEAN, IMAGENET_STD, augment_of
+from trainer.data.datasets import build_datasets
 from trainer.data.loaders import TorchTrainLoader, make_train_loader
 from trainer.files.checkpoint import load_checkpoint
 

@@ -252,7 +252,8 @@ def test_info_says_the_criterion_allocation_and_recalibration():
 def test_pipeline_plans_a_chain_per_criterion_allocation_and_target(tmp_path):
     """Slimming alone keeps today's files and jobs; every other (criterion, allocation) gets
     its own chain, files and job, and --scratch a scratch stage at the end of each."""
-    from trainer.commands.pipeline import _baselines, plan_stages
+    from trainer.commands.pipeline import plan_stages
+    from trainer.commands.summary import _baselines
     from trainer.config.commands import config_from_options
     from trainer.config.study import job_names, job_outputs
 

@@ -24,13 +24,8 @@ from tests.fakedata import (
     write_imagefolder,
 )
 from trainer.data import synthetic
-from trainer.data.datasets import (
-    ArrayDataset,
-    Datasets,
-    build_datasets,
-    eval_transform,
-    train_transform,
-)
+from trainer.data.common import ArrayDataset, Datasets, eval_transform, train_transform
+from trainer.data.datasets import build_datasets
 from trainer.data.gpu_loader import GPUTrainLoader
 from trainer.data.loaders import TorchTrainLoader, make_test_loader, make_train_loader
 from trainer.errors import DataError

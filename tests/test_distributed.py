@@ -299,7 +299,7 @@ def test_train_metrics_average_all_ranks_samples_and_replicas_stay_equal(tmp_pat
 
 def test_torch_loader_augments_each_rank_differently():
     """Identical images at every index, so only augmentation can differ between ranks."""
-    from trainer.data.datasets import ArrayDataset, Datasets, eval_transform, train_transform
+    from trainer.data.common import ArrayDataset, Datasets, eval_transform, train_transform
     from trainer.data.loaders import make_train_loader
 
     images = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8).repeat(16, 1, 1, 1)

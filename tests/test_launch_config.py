@@ -46,7 +46,8 @@ from launch.configcmd import (
 )
 from tests.helpers import cli_text, communicate_all
 from trainer.config.commands import accepted
-from trainer.config.settings import RunConfig, worker_fields
+from trainer.config.derived import worker_fields
+from trainer.config.settings import RunConfig
 from trainer.errors import ConfigError, ParamError, UserError
 
 ROOT = Path(__file__).resolve().parent.parent

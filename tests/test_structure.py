@@ -164,7 +164,8 @@ def test_every_registered_family_is_one_module_with_a_family():
 
 def test_every_setting_has_a_kind():
     """Each setting is declared once, with its kind: a field added without one fails here."""
-    from trainer.config.settings import KINDS, RunConfig, option_help
+    from trainer.config.derived import option_help
+    from trainer.config.settings import KINDS, RunConfig
 
     for f in dataclasses.fields(RunConfig):
         assert f.metadata.get("kind") in KINDS, f"{f.name} has no kind (setting(..., kind))"

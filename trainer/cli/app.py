@@ -31,7 +31,8 @@ from trainer.config.commands import (
     config_from_options,
     default_of,
 )
-from trainer.config.settings import RunConfig, option_help, option_type
+from trainer.config.derived import option_help, option_type
+from trainer.config.settings import RunConfig
 from trainer.config.sweep import numeric
 from trainer.errors import HardStop, ParamError, UserError
 from trainer.files.atomic import disk_full

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from trainer.config.checks import check
-from trainer.config.settings import option_help
+from trainer.config.derived import option_help
 
 
 def flag(name: str, help: str) -> Any:  # noqa: A002

@@ -3,23 +3,16 @@ each -> compare, with every output under ``<workdir>/checkpoints`` and ``<workdi
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.markup import escape
-from rich.table import Table
-
 from trainer.commands.prune import cmd_prune
+from trainer.commands.summary import finish_study, print_rows
 from trainer.commands.train import cmd_finetune, cmd_train, scratch_plan
 from trainer.config.paths import (
     CHECKPOINTS,
     PLOTS,
     SPARSE,
-    comparison_figure,
-    fmt_count,
-    gamma_plot_path,
-    plot_path,
     run_paths,
     scratch_name,
     stage_files,
@@ -30,19 +23,14 @@ from trainer.errors import ConfigError
 from trainer.files.atomic import ensure_writable
 from trainer.files.checkpoint import build_model, load_checkpoint
 from trainer.files.safeload import safe_torch_load
-from trainer.measure.plots import plot_accuracy_vs_macs, plot_comparison
 from trainer.measure.report import (
     StudyRow,
-    compare_rows,
-    quick_latency,
-    study_story,
-    write_report,
 )
 from trainer.prune.engine import copy_to_meta, model_size
 from trainer.prune.record import PruneRecord
 from trainer.train import dist
 from trainer.train.fit import keep_interrupted_run, resume_mismatch
-from trainer.train.progress import console, say
+from trainer.train.progress import heading
 from trainer.train.runtime import loader_kind
 
 
@@ -128,12 +116,12 @@ def plan_stages(run: RunConfig, unpruned: dict[str, int] | None = None) -> Stage
             stages += [Stage("prune", p, prune, pruned), Stage("finetune", p, ft, tuned)]
             src = tuned
         if study.scratch:
-            stages.append(scratch_stage(train, stages[-2], study.scratch))
+            stages.append(scratchheading(train, stages[-2], study.scratch))
         planned.append(Chain(tag, spec.label, stages, spec.criterion, spec.allocation))
     return Stages(sparse, train, planned)
 
 
-def scratch_stage(train: RunConfig, pruned: Stage, kind: str) -> Stage:
+def scratchheading(train: RunConfig, pruned: Stage, kind: str) -> Stage:
     """The last pruned architecture trained from scratch (``train --scratch-from``): the sparse
     stage's recipe without sparsity, Scratch-E's or Scratch-B's epochs (Liu et al. 2019)."""
     output = scratch_name(pruned.output, kind)
@@ -240,7 +228,7 @@ def run_pipeline(run: RunConfig, accelerator) -> list[StudyRow]:
             keep_interrupted_run(run_paths(output)["last"], stage_run)
     remade: set[Path] = set()
     if run.job in (None, SPARSE_JOB):
-        _stage(f"1. sparse training ({run.train_epochs} epochs, λ={run.sparsity:g})")
+        heading(f"1. sparse training ({run.train_epochs} epochs, λ={run.sparsity:g})")
         action = stage_action(run, stages.train, stages.sparse, upstream_ran=False)
         if action != "skip":
             cmd_train(stages.train.replace(resume=action == "resume"), accelerator, plots)
@@ -261,7 +249,7 @@ def run_pipeline(run: RunConfig, accelerator) -> list[StudyRow]:
     dist.barrier()
     rows = study_rows(run, stages)
     if dist.is_main():
-        _print_rows(rows)
+        print_rows(rows)
         finish_study(run, stages.sparse, [r for r in rows if r.final], plots, rows)
     return rows
 
@@ -292,7 +280,7 @@ def _run_prune(run: RunConfig, chain: Chain, stage: Stage, accelerator, plots: P
                upstream_ran: bool) -> bool:
     """Prune (unless --resume may reuse the file); whether it pruned."""
     of = f" (round {stage.round} of {run.passes})" if run.passes > 1 else ""
-    _stage(f"2. prune to {chain.label}{of} -> {stage.output.name}")
+    heading(f"2. prune to {chain.label}{of} -> {stage.output.name}")
     if reusable_prune(run, stage.run, stage.output, upstream_ran=upstream_ran) is not None:
         return False
     cmd_prune(stage.run, accelerator, plots)
@@ -302,7 +290,7 @@ def _run_prune(run: RunConfig, chain: Chain, stage: Stage, accelerator, plots: P
 def _run_finetune(run: RunConfig, chain: Chain, stage: Stage, accelerator, plots: Path,
                   upstream_ran: bool) -> bool:
     """Fine-tune (skipped or resumed where --resume may); whether it trained."""
-    _stage(f"3. fine-tune {Path(stage.run.checkpoint).name} ({stage.run.epochs} epochs)")
+    heading(f"3. fine-tune {Path(stage.run.checkpoint).name} ({stage.run.epochs} epochs)")
     action = stage_action(run, stage.run, stage.output, upstream_ran=upstream_ran)
     if action == "fresh" and run.resume:
         _drop_stale_state(stage.output)
@@ -316,7 +304,7 @@ def _run_scratch(run: RunConfig, chain: Chain, stage: Stage, accelerator, plots:
     """Train the pruned architecture from scratch (skipped or resumed where --resume may);
     whether it trained."""
     kind = stage.run.scratch
-    _stage(f"4. Scratch-{kind}: {Path(stage.run.scratch_from).name}'s architecture from fresh "
+    heading(f"4. Scratch-{kind}: {Path(stage.run.scratch_from).name}'s architecture from fresh "
            f"weights -> {stage.output.name}")
     planned = scratch_plan(stage.run)[0]  # Scratch-B's epochs: what --resume compares
     action = stage_action(run, planned, stage.output, upstream_ran=upstream_ran)
@@ -363,135 +351,3 @@ def unpruned_sizes(sparse: Path, input_size: int) -> dict[str, int]:
     """Params and MACs of the sparse-trained (unpruned) model."""
     shape = copy_to_meta(build_model(load_checkpoint(sparse)))
     return {kind: model_size(shape, kind, input_size) for kind in ("params", "macs")}
-
-
-def _stage(text: str) -> None:
-    say(f"\n[bold cyan]== {text}[/]")
-
-
-def _print_rows(rows: list[StudyRow]) -> None:
-    table = Table(title="pipeline summary")
-    rounds = any(r.round > 1 for r in rows)
-    variants = len({(r.criterion, r.allocation) for r in rows}) > 1
-    scratch = next((r.scratch for r in rows if r.scratch), None)
-    for col in (*(["criterion", "allocation"] if variants else []), "target",
-                *(["round"] if rounds else []), "ratio", "params", "best test acc",
-                "acc right after prune", *([f"Scratch-{scratch}"] if scratch else [])):
-        table.add_column(col, justify="right")
-
-    def fmt(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.2f}%"
-
-    for r in rows:
-        table.add_row(*([r.criterion, r.allocation] if variants else []), r.target,
-                      *([str(r.round)] if rounds else []), f"{r.ratio:.4g}",
-                      f"{r.params:,}", fmt(r.best_acc), fmt(r.acc_after),
-                      *([fmt(r.scratch_acc) if r.final else ""] if scratch else []))
-    console.print(table)
-
-
-def finish_study(run: RunConfig, baseline: Path, rows: list[StudyRow], plots: Path,
-                 rounds: list[StudyRow] | None = None) -> None:
-    """The comparison figure and report.md (the profiling seam of the pipeline). ``rows``: the
-    last round of each target (compared); ``rounds``: every round (a row each in report.md)."""
-    rounds = rounds or rows
-    many = run.passes > 1
-    labels = ["original (sparse-trained)"] + [f"pruned {_what(r, many, run)} + fine-tuned"
-                                              for r in rounds]
-    table = compare_rows([str(baseline)] + [r.checkpoint for r in rounds], labels,
-                         input_size=run.image_size)  # MACs at the size the study ran at
-    final = [table[0]] + [t for t, r in zip(table[1:], rounds) if r.final]
-    quick_latency(final, run.cpu)  # report.md's latency columns, the figure's speed-up panel
-    figure = comparison_figure(plots, list(dict.fromkeys(_target_tag(r) for r in rows)))
-    plot_comparison(final, figure, title=f"{run.dataset}: original vs pruned + fine-tuned")
-    figures = [("comparison", figure), ("sparse training",
-                                         plot_path(run.replace(command="train", plot=None),
-                                                   baseline, plots))]
-    checkpoints, gammas = [baseline], []
-    for r in rounds:
-        pruned, tuned = Path(r.pruned), Path(r.checkpoint)
-        checkpoints += [pruned, tuned] + ([scratch_name(pruned, r.scratch)] if r.scratch else [])
-        gammas.append(gamma_plot_path(pruned, plots))
-        what = _what(r, many, run)
-        figures.append((f"γ distribution, {what}", gammas[-1]))
-        figures.append((f"fine-tuning, {what}",
-                        plot_path(run.replace(command="finetune", plot=None), tuned, plots)))
-    study = [dataclasses.replace(r, macs=t["macs"])
-             for r, t in zip(rounds, table[1:])]  # table[0] is the baseline
-    compared = None
-    if _baselines(run):  # the criteria study: its table and accuracy-vs-MACs figure
-        compared = [dataclasses.asdict(r) for r in study if r.final]
-        figures.insert(1, ("accuracy vs MACs per criterion", plot_accuracy_vs_macs(
-            compared, plots / ACC_VS_MACS, title=f"{run.dataset}: criteria and baselines",
-            baseline=table[0])))
-    report = write_report(Path(run.workdir), title="slimtune study", rows=final, figures=figures,
-                          pipeline_rows=study, settings=_settings(run),
-                          comparison_rows=compared)
-    for line in study_story(final, [r for r in rounds if r.final]):
-        say(line)
-    say_outputs(checkpoints, plots, gammas, figure, report)
-
-
-ACC_VS_MACS = "accuracy_vs_macs.png"  # the criteria study's figure, under plots/
-
-
-def _baselines(run: RunConfig) -> bool:
-    """Whether the study compares slimming with baselines (other criteria or allocations, or
-    scratch runs): then report.md has their table and the accuracy-vs-MACs figure."""
-    return (tuple(run.criteria), tuple(run.allocations)) != (("bn",), ("global",)) or \
-        bool(run.scratch)
-
-
-def _target_tag(row: StudyRow) -> str:
-    """The target's part of a chain's tag: 'l1_uniform_90' -> '90'."""
-    return row.tag.rsplit("_", 1)[-1]
-
-
-def _what(row: StudyRow, many_rounds: bool, run: RunConfig | None = None) -> str:
-    """'ratio 0.9', '4M params', 'ratio 0.9, round 2'; in a study of several criteria or
-    allocations 'ratio 0.9, l1' or 'ratio 0.9, bn uniform'."""
-    variant = ""
-    if run is not None and (len(run.criteria) > 1 or len(run.allocations) > 1):
-        variant = f", {row.criterion}" + ("" if len(run.allocations) == 1 else
-                                          f" {row.allocation}")
-    return row.target + variant + (f", round {row.round}" if many_rounds else "")
-
-
-def _settings(run: RunConfig) -> dict:
-    """The study's settings, as report.md lists them."""
-    amounts = (", ".join(fmt_count(t) for t in run.targets) + f" {run.target_kind}"
-               if run.targets else ", ".join(f"{r:g}" for r in run.ratios))
-    return {"arch": run.arch, "dataset": run.dataset, "image size": run.image_size,
-            "train epochs": run.train_epochs, "fine-tune epochs": run.finetune_epochs,
-            "sparsity": run.sparsity, "γ init": run.gamma_init,
-            ("budgets" if run.targets else "ratios"): amounts,
-            "rounds per target": run.passes, "round-to": run.round_to,
-            "teacher (distillation)": "the sparse model" if run.kd else "none",
-            **_baseline_settings(run),
-            "batch size (train / fine-tune)": f"{run.batch_size} / {run.finetune_batch_size}",
-            "seed": run.seed}
-
-
-def _baseline_settings(run: RunConfig) -> dict:
-    """The criteria, allocations, scratch runs and adaptive BN of a study, as report.md lists
-    them (the criteria and allocations only when they are not slimming's alone)."""
-    out = {}
-    if _baselines(run):
-        out = {"criteria": ", ".join(run.criteria), "allocations": ", ".join(run.allocations),
-               "trained from scratch": f"Scratch-{run.scratch}" if run.scratch else "no"}
-    bn = (f"{run.bn_recalibrate} training batches" if run.bn_recalibrate and run.eval
-          else "off (the unpruned network's statistics)")
-    return out | {"adaptive BN before the accuracy right after pruning": bn}
-
-
-def say_outputs(checkpoints: list[Path], plots: Path, gammas: list[Path], figure: Path,
-                report: Path) -> None:
-    """The study's closing lines: where its checkpoints, figures and report are."""
-    _stage("outputs")
-    for label, where, note in (
-            ("checkpoints", f"{checkpoints[0].parent}/",
-             f" ({', '.join(c.name for c in checkpoints)})"),
-            ("plots", f"{plots}/", f" (γ histograms: {', '.join(g.name for g in gammas)}; "
-                                   "training curves of each stage)"),
-            ("comparison figure", figure, ""), ("report", report, "")):
-        say(f"{label + ':':<19}{escape(str(where))}{escape(note)}")

@@ -20,8 +20,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from trainer.commands.evaluate import evaluate_model
+from trainer.config.derived import saved_config
 from trainer.config.paths import PLOTS, fmt_count, gamma_plot_path, input_checkpoint, output_path
-from trainer.config.settings import RunConfig, saved_config
+from trainer.config.settings import RunConfig
 from trainer.data.datasets import check_classes
 from trainer.errors import DataError, ParamError
 from trainer.files.atomic import ensure_writable

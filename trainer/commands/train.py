@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from trainer.config.archs import DEFAULT_ARCH, user_arch_name
+from trainer.config.derived import INHERITED, saved_config, with_data_defaults
 from trainer.config.paths import PLOTS, input_checkpoint, output_path, plot_path
-from trainer.config.settings import INHERITED, RunConfig, saved_config, with_data_defaults
+from trainer.config.settings import RunConfig
 from trainer.config.usercode import allowing
 from trainer.data.datasets import check_classes, dataset_classes
 from trainer.errors import ConfigError, ParamError

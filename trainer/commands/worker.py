@@ -23,7 +23,7 @@ from trainer.train import dist
 from trainer.train.fit import keep_earlier_run
 from trainer.train.loop import STOP
 from trainer.train.progress import console, say
-from trainer.train.runtime import check_tracker, end_run, make_accelerator, use_threads
+from trainer.train.runtime import check_tracker, end_run, make_accelerator, threads_for
 
 COMMANDS = {"train": cmd_train, "finetune": cmd_finetune, "evaluate": cmd_evaluate,
             "prune": cmd_prune, "pipeline": run_pipeline}
@@ -42,7 +42,7 @@ def _run_worker(run: RunConfig) -> int:
     try:
         run = inherit_data_settings(with_recipe(run))
         validate(run)
-        threads = use_threads(run)
+        threads = threads_for(run.threads)
         if run.log_with:
             check_tracker(run.log_with)
         lock = take_output_lock(run)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config.archs import get_arch
+from trainer.config.derived import INHERITED
 from trainer.config.paths import fmt_count, input_checkpoint, ratio_tag, written_files
 from trainer.config.settings import (
     ALLOCATIONS,
@@ -22,7 +23,6 @@ from trainer.config.settings import (
     BUDGET_KINDS,
     CRITERIA,
     DATASETS,
-    INHERITED,
     LOADERS,
     MIXED_PRECISIONS,
     MODES,

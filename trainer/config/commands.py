@@ -13,15 +13,9 @@ from typing import Any
 
 from trainer.config.archs import DEFAULT_ARCH, arch_choices, recipes_text
 from trainer.config.checks import parse_count
+from trainer.config.derived import INHERITED, option_help
 from trainer.config.paths import CHECKPOINTS, DENSE, LAB_CURVES, PLOTS, PRUNED, SPARSE
-from trainer.config.settings import (
-    FINETUNE_RECIPE,
-    INHERITED,
-    SCRATCH,
-    TRAIN_RECIPE,
-    RunConfig,
-    option_help,
-)
+from trainer.config.settings import FINETUNE_RECIPE, SCRATCH, TRAIN_RECIPE, RunConfig
 from trainer.errors import ParamError
 
 # train/pipeline: the arch picks these (trainer.config.archs.with_recipe fills them in).
@@ -119,7 +113,7 @@ class Command:
 
 # finetune, prune and evaluate read these from the input checkpoint's saved settings when the
 # command line leaves them out (None): a checkpoint trained on the synthetic set at 16 px is
-# fine-tuned and measured on that, not on CIFAR (trainer.config.settings.with_data_defaults).
+# fine-tuned and measured on that, not on CIFAR (trainer.config.derived.with_data_defaults).
 FROM_CHECKPOINT: dict[str, Any] = {name: None for name in INHERITED}
 
 COMMANDS: tuple[Command, ...] = (

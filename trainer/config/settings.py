@@ -3,8 +3,8 @@ the one dataclass that holds a run's settings.
 
 Each setting is declared once, as a field: its name, type, default, ``--help`` text and kind.
 The command line's options (``trainer.config.commands``), the launcher's worker argv and
-what a checkpoint records all derive from these declarations. A setting's *kind* says what it
-is to a run:
+what a checkpoint records all derive from these declarations (trainer.config.derived). A
+setting's *kind* says what it is to a run:
 
 - ``result``: changes the numbers the run produces; ``--resume`` with another value is refused;
 - ``recorded``: saved with the run's files, but does not change its numbers (paths of outputs,
@@ -20,8 +20,6 @@ Pure Python: the launcher reads this module without importing torch.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +29,7 @@ from trainer.config.archs import arch_choices
 
 RUN_COMMANDS = ("train", "prune", "finetune", "evaluate", "pipeline")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
-AUGMENTS = ("auto", "cifar", "imagenet", "none")  # trainer.data.datasets.augment_of
+AUGMENTS = ("auto", "cifar", "imagenet", "none")  # trainer.data.common.augment_of
 LOADERS = ("auto", "torch", "gpu")  # auto = gpu on CUDA (in-memory datasets), else torch
 LOADER_KINDS = ("torch", "gpu")  # what "auto" resolves to
 OPTIMIZERS = ("sgd", "adam")
@@ -81,7 +79,7 @@ def setting(default: Any, help: str, kind: str, *, cli: type | None = None,  # n
                                             "option": option, "affects": affects})
 
 
-def _arch_help() -> str:
+def arch_help() -> str:
     return f"Architecture: {arch_choices()}; --help of train lists what each prunes."
 
 
@@ -114,7 +112,7 @@ class RunConfig:
     limit_batches: int | None = setting(None, "Cap on training batches per epoch (smoke runs; "
                                         "default: the whole epoch).", "result")
     # model / files
-    arch: str | None = setting(None, "", "result")  # help: _arch_help(), set below
+    arch: str | None = setting(None, "", "result")  # help: arch_help() (the registry's names)
     checkpoint: str | None = setting(None, "Input checkpoint (.pth).", "result")
     init: str | None = setting(None, "Start from this checkpoint's weights instead of from "
                                "scratch (default: from scratch).", "result")
@@ -322,87 +320,5 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-# ---------------------------------------------------------------- derived from the fields
-
-TUPLES = ("ratios", "targets", "criteria", "allocations")  # lists: JSON and checkpoints as lists
-
-
-def _fields_of(kind: str) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("kind") == kind)
-
-
-# Settings whose change alters the numbers a run produces (trainer.train.fit.resume_mismatch).
-RESULT_FIELDS = _fields_of("result")
-def result_fields(command: str) -> tuple[str, ...]:
-    """The result settings of a ``command`` run: what ``--resume`` compares (a pipeline's
-    training stage is not remade for another prune ratio)."""
-    return tuple(f.name for f in dataclasses.fields(RunConfig)
-                 if f.metadata.get("kind") == "result"
-                 and command in (f.metadata.get("affects") or (command,)))
-
-
-# Settings left out of the saved config, so a resumed run's checkpoint equals an
-# uninterrupted run's.
-VOLATILE_FIELDS = _fields_of("volatile")
-# Settings that only steer the launcher (how processes start), not what a worker computes.
-LAUNCHER_FIELDS = frozenset(_fields_of("launcher"))
-
-
-def option_help(name: str) -> str:
-    """A setting's ``--help`` text."""
-    if name == "arch":
-        return _arch_help()
-    return RunConfig.__dataclass_fields__[name].metadata["help"]
-
-
-def option_type(name: str) -> Any:
-    """The type the command line reads for a setting (its field's type unless declared)."""
-    declared = RunConfig.__dataclass_fields__[name].metadata["cli"]
-    if declared is not None:
-        return declared | None
-    return _type_hints()[name]
-
-
-@functools.cache
-def _type_hints() -> dict[str, Any]:
-    # resolving RunConfig's string annotations takes ~2 ms a call; the app makes ~270 calls
-    return typing.get_type_hints(RunConfig)
-
-
-def option_names() -> tuple[str, ...]:
-    """Every setting a command line can set."""
-    return tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata["option"])
-
-
-# The data settings a command that reads a checkpoint takes from the checkpoint's saved
-# settings when the command line leaves them out (None).
-INHERITED = ("dataset", "data_dir", "image_size", "augment", "synthetic_train",
-             "synthetic_test")
-
-
-def with_data_defaults(run: RunConfig, saved: dict[str, Any] | None) -> tuple[RunConfig, list]:
-    """``run`` with each INHERITED setting left at None taken from ``saved`` (a checkpoint's
-    settings), else RunConfig's default; and the names taken from ``saved``."""
-    saved = saved or {}
-    values, taken = {}, []
-    for name in INHERITED:
-        if getattr(run, name) is not None:
-            continue
-        kind = type(getattr(RunConfig(), name))
-        if isinstance(saved.get(name), kind) and not isinstance(saved.get(name), bool):
-            values[name] = saved[name]
-            taken.append(name)
-        else:
-            values[name] = getattr(RunConfig(), name)
-    return run.replace(**values), taken
-
-
-def saved_config(run: RunConfig) -> dict[str, Any]:
-    """The settings a checkpoint records: everything that shapes its numbers."""
-    return {k: v for k, v in run.to_dict().items() if k not in VOLATILE_FIELDS}
-
-
-def worker_fields() -> list[dataclasses.Field]:
-    """Fields passed on to a launched worker as ``--name value`` options."""
-    return [f for f in dataclasses.fields(RunConfig)
-            if f.name not in LAUNCHER_FIELDS and f.metadata["option"]]
+# lists of RunConfig: JSON and checkpoints hold them as lists
+TUPLES = ("ratios", "targets", "criteria", "allocations")

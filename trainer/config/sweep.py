@@ -13,7 +13,8 @@ import itertools
 import typing
 from pathlib import Path
 
-from trainer.config.settings import RunConfig, option_type
+from trainer.config.derived import option_type
+from trainer.config.settings import RunConfig
 from trainer.errors import ParamError
 
 # the settings a sweep varies: the study's λ, learning rates, distillation, seed and lengths

@@ -1,4 +1,4 @@
-"""Training and test loaders over a :class:`trainer.data.datasets.Datasets`, for one rank of a job.
+"""Training and test loaders over a :class:`trainer.data.common.Datasets`, for one rank of a job.
 
 Two kinds: ``torch`` (DataLoader + torchvision transforms in persistent worker processes) and
 ``gpu`` (the whole uint8 set on the device, augmented there: trainer.data.gpu_loader). Epoch e on
@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from trainer.config.settings import LOADER_KINDS
-from trainer.data.datasets import Datasets
-from trainer.errors import DataError
+from trainer.data.common import Datasets
 from trainer.data.gpu_loader import GPUTestLoader, GPUTrainLoader, derive_seed, real_samples
+from trainer.errors import DataError
 
 
 class TrainLoader(Protocol):

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer.config.derived import result_fields, saved_config
 from trainer.config.paths import run_paths
-from trainer.config.settings import RunConfig, result_fields, saved_config
+from trainer.config.settings import RunConfig
 from trainer.data.gpu_loader import derive_seed
 from trainer.errors import CheckpointError, ConfigError, StopRequested, TrainingError, cut
 from trainer.files.atomic import atomic_path

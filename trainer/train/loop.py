@@ -27,12 +27,17 @@ def lr_milestones(epochs: int) -> list[int]:
     return [m for m in (int(epochs * 0.5), int(epochs * 0.75)) if m > 0]
 
 
+def decayed(lr: float, epochs: int, epoch: int) -> float:
+    """``lr`` divided by 10 at each milestone (:func:`lr_milestones`) ``epoch`` has reached."""
+    return lr * 0.1 ** sum(1 for m in lr_milestones(epochs) if epoch >= m)
+
+
 def lr_at(run: RunConfig, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
     """LR for (epoch, step): base LR, /10 at each milestone, times a linear warm-up.
 
     A pure function of its arguments, so a resumed run follows the same schedule.
     """
-    lr = run.lr * 0.1 ** sum(1 for m in lr_milestones(run.epochs) if epoch >= m)
+    lr = decayed(run.lr, run.epochs, epoch)
     if run.warmup_epochs > 0:
         progress = (epoch + (step + 1) / max(steps_per_epoch, 1)) / run.warmup_epochs
         lr *= min(1.0, progress)

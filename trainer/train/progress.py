@@ -26,6 +26,11 @@ def say(*objects, **kwargs) -> None:
         console.print(*objects, **kwargs)
 
 
+def heading(text: str) -> None:
+    """A stage's heading line ("== 2. prune ..."), on the main process."""
+    say(f"\n[bold cyan]== {text}[/]")
+
+
 def split_first_step(first_s: float, first_images: int, total_s: float,
                      total_images: int) -> tuple[float, float]:
     """Split an epoch's time into the first step's excess over a typical step and the

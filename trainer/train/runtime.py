@@ -25,14 +25,10 @@ from trainer.train import dist
 from trainer.train.progress import say
 
 
-def use_threads(run: RunConfig) -> Threads:
-    """Set this process's torch threads (trainer.config.threads: --threads, OMP_NUM_THREADS, or
-    the cores free at start) before any tensor work, and return the choice for the header."""
-    return threads_for(run.threads)
-
-
 def threads_for(given: int | None) -> Threads:
-    """Set torch's intra-op threads to ``given`` or this machine's choice; return the choice."""
+    """Set this process's torch threads before any tensor work: ``given`` (--threads), else
+    trainer.config.threads' choice (OMP_NUM_THREADS, or the cores free at start); return the
+    choice, for the run's header."""
     choice = choose_threads(given=given)
     if torch.get_num_threads() != choice.count:
         torch.set_num_threads(choice.count)
