@@ -398,10 +398,12 @@ def test_loader_workers_survive_ctrl_c() -> None:
     loader = make_train_loader(ds, batch_size=8, num_workers=2)
     loader.set_epoch(0)
     batches = iter(loader)
-    first = next(batches)
+    # batches alternate between the 2 workers: once each has sent one, each has run its
+    # worker_init_fn (a SIGINT before that meets Python's default handler: a start-up race)
+    first = [next(batches), next(batches)]
     workers = list(loader.loader._iterator._workers)  # the DataLoader's worker processes
     for w in workers:
         os.kill(w.pid, signal.SIGINT)
     time.sleep(0.5)
     assert all(w.is_alive() for w in workers)
-    assert len([first, *batches]) == len(loader) == 50
+    assert len([*first, *batches]) == len(loader) == 50
