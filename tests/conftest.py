@@ -18,7 +18,10 @@ from tests.fakedata import write_fake_cifar10
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers on two cores: torch's default of one thread per core in each made four
     # threads fight over two (issue 20, section 7). The CLI's subprocesses get
-    # OMP_NUM_THREADS=1 from tests.helpers.cli_env, in-process runs this count.
+    # OMP_NUM_THREADS=1 from tests.helpers.cli_env; a run started in this process
+    # (run_worker) reads it here, or it would choose its threads from how busy the machine
+    # is, and two runs of one test could differ in their float sums.
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
 
